@@ -1,0 +1,98 @@
+"""The morph configuration: parsed once by the launcher, handed to every SGLang process.
+
+SGLang spawns its scheduler process (no fork), so the configuration travels in the environment
+variable ``SGLANG_MORPH_CONFIG`` as JSON; the plugin's ``register()`` reads it in each process.
+Without that variable the plugin stays passive and SGLang runs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+ENV_VAR = "SGLANG_MORPH_CONFIG"
+POLICIES = ("off", "manual", "heuristic", "rl")
+FORMATS = ("fp", "int8", "int4")
+QUANTIZED_FORMATS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+QUANT_METHODS = ("rtn", "awq")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_bytes(text: str) -> int:
+    """Parse ``65536``, ``64MB``, ``1.5GiB`` ... into bytes (KB = 1000, KiB = 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(
+            f"invalid byte size {text!r}: expected a number with an optional suffix "
+            "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
+        )
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    binary = "I" in unit
+    letter = unit.replace("I", "").replace("B", "")
+    scale = 1024 ** "KMGT".index(letter) * 1024 if binary and letter else _UNITS[letter]
+    if binary and not letter:
+        raise ValueError(f"invalid byte size {text!r}: 'iB' needs a prefix such as KiB")
+    return int(number * scale)
+
+
+@dataclass
+class MorphConfig:
+    """Everything the scheduler-side runtime needs to know, JSON-serialisable."""
+
+    policy: str = "off"
+    memory_budget_bytes: int | None = None
+    quant_format: str = "int4"
+    group_size: int = 32
+    quant_method: str = "rtn"
+    static_format: str | None = None
+    profile_path: str | None = None
+    checkpoint_path: str | None = None
+    tick_interval_s: float = 0.05
+    ttft_slo_s: float = 1.0
+    kv_segment_tokens: int = 64
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the accepted values."""
+        _one_of("--morph-policy", self.policy, POLICIES)
+        _one_of("--morph-format", self.quant_format, QUANTIZED_FORMATS)
+        _one_of("--morph-group-size", self.group_size, GROUP_SIZES)
+        _one_of("--morph-quant-method", self.quant_method, QUANT_METHODS)
+        if self.static_format is not None:
+            _one_of("--morph-static-format", self.static_format, QUANTIZED_FORMATS)
+            if self.policy not in ("off", "manual"):
+                raise ValueError(
+                    "--morph-static-format quantizes every layer for the whole run; it accepts "
+                    f"--morph-policy off or manual, not {self.policy!r}"
+                )
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError("--morph-memory-budget must be positive")
+        if self.kv_segment_tokens <= 0:
+            raise ValueError("--morph-kv-segment-tokens must be a positive number of tokens")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the runtime changes the model at all (``off`` is plain SGLang)."""
+        return self.policy != "off" or self.static_format is not None
+
+    def to_env(self) -> None:
+        """Publish this configuration to the processes SGLang is about to spawn."""
+        os.environ[ENV_VAR] = json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> MorphConfig | None:
+        """The configuration the launcher published, or None for a plain SGLang process."""
+        raw = os.environ.get(ENV_VAR)
+        return None if not raw else cls(**json.loads(raw))
+
+
+def _one_of(flag: str, value: object, accepted: tuple) -> None:
+    if value not in accepted:
+        raise ValueError(
+            f"invalid value {value!r} for {flag}; accepted: {', '.join(map(str, accepted))}"
+        )

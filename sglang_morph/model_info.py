@@ -1,0 +1,67 @@
+"""Byte sizes of a Hugging Face Llama-family checkpoint, read without loading the model.
+
+The launcher turns a memory budget into KV capacity before SGLang starts, so it needs the
+weight bytes and the KV bytes per token from the checkpoint's config and safetensors headers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Sizes that the memory budget is made of."""
+
+    num_layers: int
+    num_params: int
+    layer_params: int
+    kv_bytes_per_token: int
+    dtype_bytes: int
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.dtype_bytes
+
+
+def _safetensors_params(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for dim in meta["shape"]:
+                count *= dim
+            counts[name] = count
+    return counts
+
+
+def read_model_info(model_path: str, dtype: str = "float32") -> ModelInfo:
+    """Sizes of the checkpoint in ``model_path`` when served in ``dtype``."""
+    path = Path(model_path)
+    cfg = json.loads((path / "config.json").read_text())
+    layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    dtype_bytes = DTYPE_BYTES[dtype]
+    counts = _safetensors_params(path)
+    if not counts:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
+    layer_params = sum(c for n, c in counts.items() if ".layers.0." in n)
+    return ModelInfo(
+        num_layers=layers,
+        num_params=sum(counts.values()),
+        layer_params=layer_params,
+        kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype_bytes,
+        dtype_bytes=dtype_bytes,
+    )
