@@ -1,0 +1,90 @@
+"""The ``/morph/*`` HTTP routes, added to SGLang's FastAPI app in the launcher process.
+
+State is read from the scheduler process through SGLang's get_internal_state channel (our hook
+adds a ``morph`` key there); swaps go through set_internal_state. Nothing is answered from the
+launcher's own memory, so what /morph/state shows is what the scheduler runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from sglang_morph.config import FORMAT_BITS, SWAP_KEY_PREFIX, MorphConfig
+
+
+async def _scheduler_state() -> dict | None:
+    from sglang.srt.entrypoints.http_server import get_global_state
+
+    states = await get_global_state().tokenizer_manager.get_internal_state()
+    return states[0].get("morph") if states else None
+
+
+async def morph_state() -> JSONResponse:
+    """GET /morph/state: the scheduler's layer formats, KV capacity and counters."""
+    state = await _scheduler_state()
+    if state is None:
+        return JSONResponse(
+            {"error": "the sglang-morph plugin is not active in the scheduler process "
+                      "(see the server log for the plugin load error)"}, status_code=503)
+    return JSONResponse(state)
+
+
+async def morph_swap(request: Request) -> JSONResponse:
+    """POST /morph/swap {"layers": [ids], "format": "int4"|"int8"|"fp"}."""
+    from sglang.srt.entrypoints.http_server import get_global_state
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad('body must be JSON: {"layers": [ids], "format": "int4"|"int8"|"fp"}')
+    if not isinstance(body, dict):
+        return _bad('body must be a JSON object {"layers": [ids], "format": ...}')
+    fmt = body.get("format")
+    if fmt not in FORMAT_BITS:
+        return _bad(f"unknown format {fmt!r}; accepted: {', '.join(FORMAT_BITS)}")
+    layers = body.get("layers")
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                       for x in layers)):
+        return _bad(f"layers must be a non-empty list of layer ids (integers >= 0), got {layers!r}")
+    req = SetInternalStateReq(
+        server_args={f"{SWAP_KEY_PREFIX}{i}": FORMAT_BITS[fmt] for i in layers})
+    ok = await get_global_state().tokenizer_manager.set_internal_state(req)
+    state = await _scheduler_state()
+    if not ok or not all(ok):
+        reason = (state or {}).get("last_error") or "refused by the scheduler"
+        status = 409 if "policy" in reason or "off" in reason else 400
+        return JSONResponse({"error": reason}, status_code=status)
+    return JSONResponse({"ok": True, "state": state})
+
+
+async def morph_iterations(limit: int = 1000) -> JSONResponse:
+    """GET /morph/iterations: the most recent forward records (simulator calibration)."""
+    cfg = MorphConfig.from_env()
+    path = cfg.extra.get("iteration_log") if cfg else None
+    if not path or not Path(path).exists():
+        return JSONResponse([])
+    with open(path) as fh:
+        tail = deque(fh, maxlen=max(1, min(limit, 100_000)))
+    return JSONResponse([json.loads(line) for line in tail if line.strip()])
+
+
+def _bad(message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=400)
+
+
+def install() -> None:
+    """Add the routes to SGLang's app (before it starts serving)."""
+    from sglang.srt.entrypoints.http_server import app
+    from sglang.srt.utils.auth import AuthLevel, auth_level
+
+    app.add_api_route("/morph/state", morph_state, methods=["GET"])
+    app.add_api_route("/morph/swap", auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_swap),
+                      methods=["POST"])
+    app.add_api_route("/morph/iterations", morph_iterations, methods=["GET"])

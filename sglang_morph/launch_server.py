@@ -1,0 +1,201 @@
+"""``python -m sglang_morph.launch_server``: SGLang's server with the morph runtime.
+
+Accepts every ``sglang.launch_server`` argument plus ``--morph-*`` options. It validates all of
+them before any process starts (bad input exits with status 2 or a one-line error), fills in the
+embedded default model and the CPU flags, turns a memory budget into KV capacity, publishes the
+morph configuration to SGLang's processes and adds the ``/morph/*`` routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from sglang_morph.compat import MorphSetupError, check_sglang_version
+from sglang_morph.config import (
+    GROUP_SIZES,
+    POLICIES,
+    QUANT_METHODS,
+    QUANTIZED_FORMATS,
+    MorphConfig,
+    parse_bytes,
+)
+from sglang_morph.data import AssetNotFoundError, resolve_model
+
+CPU_FLAGS = {
+    "--device": "cpu",
+    "--attention-backend": "torch_native",
+    "--dtype": "float32",
+}
+CPU_SWITCHES = ("--disable-overlap-schedule",)
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def morph_parser() -> argparse.ArgumentParser:
+    """The ``--morph-*`` options (the rest of the command line belongs to SGLang)."""
+    p = argparse.ArgumentParser(
+        prog="python -m sglang_morph.launch_server",
+        description="SGLang server with MorphServe's quantized layer swapping and elastic KV. "
+        "All sglang.launch_server arguments are accepted too.",
+        add_help=False,
+    )
+    g = p.add_argument_group("morph")
+    g.add_argument("--morph-policy", choices=POLICIES, default="off",
+                   help="who changes the model: off = plain SGLang; manual = only POST "
+                   "/morph/swap; heuristic / rl = the controller (default: off)")
+    g.add_argument("--morph-memory-budget", type=_bytes_arg, default=None,
+                   help="device bytes for weights + KV cache, e.g. 1800000 or 64MB; KV capacity "
+                   "follows from it (default: SGLang's own sizing)")
+    g.add_argument("--morph-format", choices=QUANTIZED_FORMATS, default="int4",
+                   help="format of the quantized layer copies (default: int4)")
+    g.add_argument("--morph-group-size", type=int, choices=GROUP_SIZES, default=32,
+                   help="int4 group size (default: 32)")
+    g.add_argument("--morph-quant-method", choices=QUANT_METHODS, default="rtn",
+                   help="rtn = round to nearest; awq = activation-aware scales from the profile")
+    g.add_argument("--morph-static-format", choices=QUANTIZED_FORMATS, default=None,
+                   help="quantize every layer for the whole run (static quantization baseline)")
+    g.add_argument("--morph-profile", default=None,
+                   help="layer-importance profile JSON from python -m sglang_morph.profile")
+    g.add_argument("--morph-checkpoint", default=None, help="RL policy checkpoint (.zip)")
+    g.add_argument("--morph-tick-interval", type=float, default=0.05,
+                   help="seconds between controller decisions (default: 0.05)")
+    g.add_argument("--morph-ttft-slo", type=float, default=1.0,
+                   help="TTFT SLO in seconds that the controller observes (default: 1.0)")
+    g.add_argument("--morph-kv-segment-tokens", type=int, default=64,
+                   help="granularity of KV growth and shrinking, in tokens (default: 64)")
+    g.add_argument("--morph-data-dir", default=None,
+                   help="directory holding the shared data (default: $MORPH_DATA_DIR, "
+                   "../shared/data)")
+    return p
+
+
+def _has(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _value(argv: Sequence[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _set(argv: list[str], flag: str, value: str) -> None:
+    for i, a in enumerate(argv):
+        if a == flag:
+            argv[i + 1] = value
+            return
+        if a.startswith(flag + "="):
+            argv[i] = f"{flag}={value}"
+            return
+    argv += [flag, value]
+
+
+def cuda_available() -> bool:
+    """Whether SGLang will run on a CUDA device (the CPU flags are needed otherwise)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
+    """Split and complete the command line: the morph configuration and SGLang's argv.
+
+    Exits with status 2 (argparse) on an unknown ``--morph-*`` option or value, and raises
+    MorphSetupError / AssetNotFoundError / ValueError with a one-line message on bad input.
+    """
+    parser = morph_parser()
+    known, rest = parser.parse_known_args(list(argv))
+    unknown_morph = [a for a in rest if a.startswith("--morph-")]
+    if unknown_morph:
+        parser.error(
+            f"unknown option {unknown_morph[0].split('=')[0]}; accepted --morph-* options: "
+            + ", ".join(sorted(o for a in parser._actions for o in a.option_strings))
+        )
+    cfg = MorphConfig(
+        policy=known.morph_policy,
+        memory_budget_bytes=known.morph_memory_budget,
+        quant_format=known.morph_format,
+        group_size=known.morph_group_size,
+        quant_method=known.morph_quant_method,
+        static_format=known.morph_static_format,
+        profile_path=known.morph_profile,
+        checkpoint_path=known.morph_checkpoint,
+        tick_interval_s=known.morph_tick_interval,
+        ttft_slo_s=known.morph_ttft_slo,
+        kv_segment_tokens=known.morph_kv_segment_tokens,
+    )
+    cfg.validate()
+    if cfg.profile_path is not None and not os.path.exists(cfg.profile_path):
+        raise MorphSetupError(f"--morph-profile file does not exist: {cfg.profile_path}")
+    # A missing or broken --morph-checkpoint is not fatal: the rl policy falls back to the
+    # heuristic, says so in the log and counts it in /morph/state.
+
+    sg = list(rest)
+    model = resolve_model(_value(sg, "--model-path"), known.morph_data_dir)
+    _set(sg, "--model-path", model)
+    if not _has(sg, "--host"):
+        sg += ["--host", "127.0.0.1"]
+    if not cuda_available():
+        os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+        for flag, value in CPU_FLAGS.items():
+            if not _has(sg, flag):
+                sg += [flag, value]
+        sg += [s for s in CPU_SWITCHES if not _has(sg, s)]
+    if cfg.memory_budget_bytes is not None:
+        from sglang_morph.memory import plan_kv_tokens
+
+        if _has(sg, "--max-total-tokens"):
+            raise MorphSetupError(
+                "--morph-memory-budget sets the KV capacity; do not give --max-total-tokens too"
+            )
+        plan = plan_kv_tokens(model, cfg, _value(sg, "--dtype") or "float32")
+        _set(sg, "--max-total-tokens", str(plan.pool_tokens))
+    return cfg, sg
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Validate everything, then run SGLang's own launcher in this process."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        morph_parser().print_help()
+        print("\nSGLang's own options follow (python -m sglang.launch_server --help).")
+    try:
+        check_sglang_version()
+        cfg, sg_argv = build(argv)
+    except (MorphSetupError, AssetNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    log = tempfile.NamedTemporaryFile(prefix="morph-iterations-", suffix=".jsonl", delete=False)
+    cfg.extra["iteration_log"] = log.name
+    cfg.to_env()
+
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    from sglang_morph import http_api
+
+    load_plugins()
+    server_args = prepare_server_args(sg_argv)
+    http_api.install()
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Quantized layer swapping: decoder layers move between full precision and quantized copies."""

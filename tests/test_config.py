@@ -1,0 +1,64 @@
+"""Configuration parsing, version pin and data resolution (no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sglang_morph import SGLANG_VERSION
+from sglang_morph.compat import MorphSetupError, check_sglang_version
+from sglang_morph.config import MorphConfig, parse_bytes
+from sglang_morph.data import AssetNotFoundError, resolve
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1800000", 1_800_000), ("64MB", 64_000_000), ("1.5KiB", 1536), ("2GiB", 2 * 1024**3),
+])
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12XB", "-5", "iB"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="expected a number|needs a prefix"):
+        parse_bytes(text)
+
+
+def test_version_pin():
+    check_sglang_version(SGLANG_VERSION)
+    with pytest.raises(MorphSetupError, match=f"needs sglang=={SGLANG_VERSION} exactly"):
+        check_sglang_version("0.5.22")
+
+
+def test_config_validation_names_accepted_values():
+    with pytest.raises(ValueError, match="accepted: off, manual, heuristic, rl"):
+        MorphConfig(policy="auto").validate()
+    with pytest.raises(ValueError, match="accepts --morph-policy off or manual"):
+        MorphConfig(policy="heuristic", static_format="int4").validate()
+
+
+def test_config_round_trips_through_env(monkeypatch):
+    monkeypatch.delenv("SGLANG_MORPH_CONFIG", raising=False)  # restored as absent afterwards
+    assert MorphConfig.from_env() is None
+    cfg = MorphConfig(policy="manual", memory_budget_bytes=123, extra={"a": 1})
+    cfg.to_env()
+    assert MorphConfig.from_env() == cfg
+
+
+def test_resolver_finds_shared_data():
+    assert (resolve("stories260K") / "config.json").exists()
+    assert resolve("azure-code").name == "azure2023_code.csv"
+
+
+def test_resolver_missing_asset_names_places(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr("sglang_morph.data.REPO_ROOT", tmp_path / "repo")
+    with pytest.raises(AssetNotFoundError) as err:
+        resolve("tinystories", download=False)
+    msg = str(err.value)
+    assert "tinystories" in msg and str(tmp_path) in msg and "https://" in msg
+
+
+def test_resolver_prefers_user_dir(tmp_path):
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "tinystories_sample.txt").write_text("x")
+    assert resolve("tinystories", data_dir=tmp_path) == tmp_path / "text" / "tinystories_sample.txt"
