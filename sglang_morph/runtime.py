@@ -27,7 +27,6 @@ class MorphRuntime:
         self.model = scheduler.tp_worker.model_runner.model
         self.num_layers = len(self.model.model.layers)
         self.transitions = 0
-        self.fallbacks = 0
         self.clipped_actions = 0
         self.last_error: str | None = None
         self.iterations = IterationLog(cfg.extra.get("iteration_log"))
@@ -38,8 +37,7 @@ class MorphRuntime:
         self.layer_order = list(range(self.num_layers - 1, -1, -1))
         self.profile = None
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
-        self.base_weight_bytes = sum(p.numel() * p.element_size()
-                                     for p in self.model.parameters())
+        self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if cfg.enabled:
             self._build()
         self.desired = self.formats()
@@ -64,8 +62,9 @@ class MorphRuntime:
         if self.cfg.memory_budget_bytes is not None:
             from sglang_morph.kv.resizer import KVResizer
 
-            self.kv = KVResizer(self.scheduler, self.cfg.kv_segment_tokens,
-                                min_tokens=_context_len(self.scheduler))
+            self.kv = KVResizer(
+                self.scheduler, self.cfg.kv_segment_tokens, min_tokens=_context_len(self.scheduler)
+            )
             self.kv.request(self.kv.quantize_tokens(self._budget_capacity(self.formats())))
         if self.cfg.policy in ("heuristic", "rl"):
             from sglang_morph.controller import Controller
@@ -85,13 +84,22 @@ class MorphRuntime:
     def weight_bytes(self, formats: list[str] | None = None) -> int:
         if self.swapper is None:
             return self.base_weight_bytes
-        return (self.base_weight_bytes - self.swappable_fp_bytes
-                + self.swapper.device_bytes(formats))
+        return self.base_weight_bytes - self.swappable_fp_bytes + self.swapper.device_bytes(formats)
 
     def _budget_capacity(self, formats: list[str]) -> int:
         assert self.cfg.memory_budget_bytes is not None
-        return capacity_for(self.cfg.memory_budget_bytes, self.weight_bytes(formats),
-                            self.kv_bytes_per_token)
+        return capacity_for(
+            self.cfg.memory_budget_bytes, self.weight_bytes(formats), self.kv_bytes_per_token
+        )
+
+    def tokens_per_layer(self) -> int:
+        """KV tokens the next layer in the importance order frees when quantized."""
+        if self.swapper is None:
+            return 0
+        k = min(self.quantized_layers(), self.num_layers - 1)
+        slot = self.swapper.slots[self.layer_order[k]]
+        freed = slot.fp_bytes - slot.bytes_of(self.cfg.quant_format)
+        return max(0, freed // self.kv_bytes_per_token)
 
     def kv_capacity_tokens(self) -> int:
         return self.kv.capacity_tokens if self.kv else self.scheduler.max_total_num_tokens
@@ -114,8 +122,9 @@ class MorphRuntime:
     def set_target_quantized(self, k: int) -> None:
         """Quantize the first ``k`` layers of the importance order, restore the others."""
         chosen = set(self.layer_order[:k])
-        self.desired = [self.cfg.quant_format if i in chosen else "fp"
-                        for i in range(self.num_layers)]
+        self.desired = [
+            self.cfg.quant_format if i in chosen else "fp" for i in range(self.num_layers)
+        ]
 
     def _settle(self) -> None:
         """Advance every layer toward its desired format within the memory budget."""
@@ -168,15 +177,18 @@ class MorphRuntime:
                     "--morph-policy manual"
                 )
             if self.swapper is None:
-                raise ValueError("morphing is off (--morph-policy off); start with "
-                                 "--morph-policy manual to swap layers")
+                raise ValueError(
+                    "morphing is off (--morph-policy off); start with "
+                    "--morph-policy manual to swap layers"
+                )
             by_bits = {bits: fmt for fmt, bits in FORMAT_BITS.items()}
             changes: dict[int, str] = {}
             for key, bits in swaps.items():
-                layer = key[len(SWAP_KEY_PREFIX):]
+                layer = key[len(SWAP_KEY_PREFIX) :]
                 if not layer.isdigit() or int(layer) >= self.num_layers:
                     raise ValueError(
-                        f"unknown layer id {layer}; accepted: 0..{self.num_layers - 1}")
+                        f"unknown layer id {layer}; accepted: 0..{self.num_layers - 1}"
+                    )
                 if bits not in by_bits:
                     raise ValueError(f"unknown format; accepted: {', '.join(FORMAT_BITS)}")
                 changes[int(layer)] = by_bits[bits]
@@ -227,7 +239,8 @@ class MorphRuntime:
             "weight_bytes": self.weight_bytes(),
             "device_bytes_in_use": self.weight_bytes() + committed * self.kv_bytes_per_token,
             "transitions": self.transitions,
-            "fallbacks": self.controller.fallbacks() if self.controller else self.fallbacks,
+            "fallbacks": self.controller.fallbacks() if self.controller else 0,
+            "decision_s_median": _median(self.controller.decide_s) if self.controller else None,
             "clipped_actions": self.clipped_actions,
             "queue_len": len(s.waiting_queue),
             "running_reqs": len(s.running_batch.reqs) if s.running_batch is not None else 0,
@@ -239,8 +252,14 @@ class MorphRuntime:
         }
 
     def summary(self) -> str:
-        return (f"policy={self.cfg.policy} layers={self.num_layers} "
-                f"kv_capacity={self.kv_capacity_tokens()} budget={self.cfg.memory_budget_bytes}")
+        return (
+            f"policy={self.cfg.policy} layers={self.num_layers} "
+            f"kv_capacity={self.kv_capacity_tokens()} budget={self.cfg.memory_budget_bytes}"
+        )
+
+
+def _median(values: list[float]) -> float | None:
+    return sorted(values)[len(values) // 2] if values else None
 
 
 def _kv_bytes_per_token(scheduler) -> int:

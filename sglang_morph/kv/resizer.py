@@ -124,7 +124,9 @@ class KVResizer:
         s = self.scheduler
         s.max_total_num_tokens = committed
         for name in SIZE_HOLDERS:
-            getattr(s, name).max_total_num_tokens = committed
+            # Two of these are frozen dataclasses (SGLang assumes a fixed pool); others hold
+            # references to them, so they are updated in place rather than replaced.
+            object.__setattr__(getattr(s, name), "max_total_num_tokens", committed)
 
     def used_tokens(self) -> int:
         """Slots held by requests or the cache (quarantined ones included)."""
