@@ -21,6 +21,7 @@ QUANT_METHODS = ("rtn", "awq")
 FORMAT_BITS = {"fp": 16, "int8": 8, "int4": 4}
 """Formats as numbers: SGLang's set_internal_state channel carries numeric values only."""
 SWAP_KEY_PREFIX = "morph.layer."
+KV_KEY = "morph.kv_tokens"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sglang_morph.config import FORMAT_BITS, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
 
 
 async def _scheduler_state() -> dict | None:
@@ -29,16 +29,17 @@ async def morph_state() -> JSONResponse:
     state = await _scheduler_state()
     if state is None:
         return JSONResponse(
-            {"error": "the sglang-morph plugin is not active in the scheduler process "
-                      "(see the server log for the plugin load error)"}, status_code=503)
+            {
+                "error": "the sglang-morph plugin is not active in the scheduler process "
+                "(see the server log for the plugin load error)"
+            },
+            status_code=503,
+        )
     return JSONResponse(state)
 
 
 async def morph_swap(request: Request) -> JSONResponse:
     """POST /morph/swap {"layers": [ids], "format": "int4"|"int8"|"fp"}."""
-    from sglang.srt.entrypoints.http_server import get_global_state
-    from sglang.srt.managers.io_struct import SetInternalStateReq
-
     try:
         body = await request.json()
     except ValueError:
@@ -49,17 +50,38 @@ async def morph_swap(request: Request) -> JSONResponse:
     if fmt not in FORMAT_BITS:
         return _bad(f"unknown format {fmt!r}; accepted: {', '.join(FORMAT_BITS)}")
     layers = body.get("layers")
-    if (not isinstance(layers, list) or not layers
-            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                       for x in layers)):
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)
+    ):
         return _bad(f"layers must be a non-empty list of layer ids (integers >= 0), got {layers!r}")
-    req = SetInternalStateReq(
-        server_args={f"{SWAP_KEY_PREFIX}{i}": FORMAT_BITS[fmt] for i in layers})
-    ok = await get_global_state().tokenizer_manager.set_internal_state(req)
+    return await _command({f"{SWAP_KEY_PREFIX}{i}": FORMAT_BITS[fmt] for i in layers})
+
+
+async def morph_kv(request: Request) -> JSONResponse:
+    """POST /morph/kv {"tokens": N}: an operator's KV capacity limit (manual policy; 0 lifts
+    it). Growth is bounded by the memory budget; a shrink waits for running requests."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        return _bad(f'body must be {{"tokens": N}} with N an integer >= 0, got {body!r}')
+    return await _command({KV_KEY: tokens})
+
+
+async def _command(entries: dict[str, int]) -> JSONResponse:
+    from sglang.srt.entrypoints.http_server import get_global_state
+    from sglang.srt.managers.io_struct import SetInternalStateReq
+
+    ok = await get_global_state().tokenizer_manager.set_internal_state(
+        SetInternalStateReq(server_args=entries))
     state = await _scheduler_state()
     if not ok or not all(ok):
         reason = (state or {}).get("last_error") or "refused by the scheduler"
-        status = 409 if "policy" in reason or "off" in reason else 400
+        status = 409 if "policy" in reason else 400
         return JSONResponse({"error": reason}, status_code=status)
     return JSONResponse({"ok": True, "state": state})
 
@@ -85,6 +107,9 @@ def install() -> None:
     from sglang.srt.utils.auth import AuthLevel, auth_level
 
     app.add_api_route("/morph/state", morph_state, methods=["GET"])
-    app.add_api_route("/morph/swap", auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_swap),
+    app.add_api_route(
+        "/morph/swap", auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_swap), methods=["POST"]
+    )
+    app.add_api_route("/morph/kv", auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_kv),
                       methods=["POST"])
     app.add_api_route("/morph/iterations", morph_iterations, methods=["GET"])

@@ -49,32 +49,74 @@ def morph_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     g = p.add_argument_group("morph")
-    g.add_argument("--morph-policy", choices=POLICIES, default="off",
-                   help="who changes the model: off = plain SGLang; manual = only POST "
-                   "/morph/swap; heuristic / rl = the controller (default: off)")
-    g.add_argument("--morph-memory-budget", type=_bytes_arg, default=None,
-                   help="device bytes for weights + KV cache, e.g. 1800000 or 64MB; KV capacity "
-                   "follows from it (default: SGLang's own sizing)")
-    g.add_argument("--morph-format", choices=QUANTIZED_FORMATS, default="int4",
-                   help="format of the quantized layer copies (default: int4)")
-    g.add_argument("--morph-group-size", type=int, choices=GROUP_SIZES, default=32,
-                   help="int4 group size (default: 32)")
-    g.add_argument("--morph-quant-method", choices=QUANT_METHODS, default="rtn",
-                   help="rtn = round to nearest; awq = activation-aware scales from the profile")
-    g.add_argument("--morph-static-format", choices=QUANTIZED_FORMATS, default=None,
-                   help="quantize every layer for the whole run (static quantization baseline)")
-    g.add_argument("--morph-profile", default=None,
-                   help="layer-importance profile JSON from python -m sglang_morph.profile")
+    g.add_argument(
+        "--morph-policy",
+        choices=POLICIES,
+        default="off",
+        help="who changes the model: off = plain SGLang; manual = only POST "
+        "/morph/swap; heuristic / rl = the controller (default: off)",
+    )
+    g.add_argument(
+        "--morph-memory-budget",
+        type=_bytes_arg,
+        default=None,
+        help="device bytes for weights + KV cache, e.g. 1800000 or 64MB; KV capacity "
+        "follows from it (default: SGLang's own sizing)",
+    )
+    g.add_argument(
+        "--morph-format",
+        choices=QUANTIZED_FORMATS,
+        default="int4",
+        help="format of the quantized layer copies (default: int4)",
+    )
+    g.add_argument(
+        "--morph-group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=32,
+        help="int4 group size (default: 32)",
+    )
+    g.add_argument(
+        "--morph-quant-method",
+        choices=QUANT_METHODS,
+        default="rtn",
+        help="rtn = round to nearest; awq = activation-aware scales from the profile",
+    )
+    g.add_argument(
+        "--morph-static-format",
+        choices=QUANTIZED_FORMATS,
+        default=None,
+        help="quantize every layer for the whole run (static quantization baseline)",
+    )
+    g.add_argument(
+        "--morph-profile",
+        default=None,
+        help="layer-importance profile JSON from python -m sglang_morph.profile",
+    )
     g.add_argument("--morph-checkpoint", default=None, help="RL policy checkpoint (.zip)")
-    g.add_argument("--morph-tick-interval", type=float, default=0.05,
-                   help="seconds between controller decisions (default: 0.05)")
-    g.add_argument("--morph-ttft-slo", type=float, default=1.0,
-                   help="TTFT SLO in seconds that the controller observes (default: 1.0)")
-    g.add_argument("--morph-kv-segment-tokens", type=int, default=64,
-                   help="granularity of KV growth and shrinking, in tokens (default: 64)")
-    g.add_argument("--morph-data-dir", default=None,
-                   help="directory holding the shared data (default: $MORPH_DATA_DIR, "
-                   "../shared/data)")
+    g.add_argument(
+        "--morph-tick-interval",
+        type=float,
+        default=0.05,
+        help="seconds between controller decisions (default: 0.05)",
+    )
+    g.add_argument(
+        "--morph-ttft-slo",
+        type=float,
+        default=1.0,
+        help="TTFT SLO in seconds that the controller observes (default: 1.0)",
+    )
+    g.add_argument(
+        "--morph-kv-segment-tokens",
+        type=int,
+        default=64,
+        help="granularity of KV growth and shrinking, in tokens (default: 64)",
+    )
+    g.add_argument(
+        "--morph-data-dir",
+        default=None,
+        help="directory holding the shared data (default: $MORPH_DATA_DIR, ../shared/data)",
+    )
     return p
 
 

@@ -12,7 +12,7 @@ import logging
 import time
 
 from sglang_morph.compat import MorphSetupError, check_sglang_version
-from sglang_morph.config import SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.config import KV_KEY, SWAP_KEY_PREFIX, MorphConfig
 
 logger = logging.getLogger("sglang_morph")
 
@@ -42,15 +42,15 @@ def register() -> None:
     if cfg.memory_budget_bytes is not None and cfg.enabled:
         HookRegistry.register(TOKEN_ALLOCATOR, ElasticTokenToKVPoolAllocator, HookType.REPLACE)
     HookRegistry.register(f"{SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER)
-    HookRegistry.register(f"{SCHEDULER}.get_next_batch_to_run", _around_next_batch,
-                          HookType.AROUND)
+    HookRegistry.register(f"{SCHEDULER}.get_next_batch_to_run", _around_next_batch, HookType.AROUND)
     HookRegistry.register(f"{SCHEDULER}.run_batch", _around_run_batch, HookType.AROUND)
-    HookRegistry.register(f"{SCHEDULER}.handle_generate_request", _after_generate_request,
-                          HookType.AFTER)
-    HookRegistry.register(f"{INTERNAL_STATE}.get_internal_state", _after_get_state,
-                          HookType.AFTER)
-    HookRegistry.register(f"{INTERNAL_STATE}.set_internal_state", _around_set_state,
-                          HookType.AROUND)
+    HookRegistry.register(
+        f"{SCHEDULER}.handle_generate_request", _after_generate_request, HookType.AFTER
+    )
+    HookRegistry.register(f"{INTERNAL_STATE}.get_internal_state", _after_get_state, HookType.AFTER)
+    HookRegistry.register(
+        f"{INTERNAL_STATE}.set_internal_state", _around_set_state, HookType.AROUND
+    )
 
 
 def _after_scheduler_init(result, scheduler, *args, **kwargs) -> None:
@@ -69,7 +69,7 @@ def _after_scheduler_init(result, scheduler, *args, **kwargs) -> None:
 def _around_next_batch(original, scheduler, *args, **kwargs):
     """The safe tick: nothing is in flight at the entry of get_next_batch_to_run."""
     if _runtime is not None:
-        _runtime.tick()
+        _runtime.guarded(_runtime.tick)
     return original(scheduler, *args, **kwargs)
 
 
@@ -93,12 +93,12 @@ def _around_set_state(original, controller, recv_req, *args, **kwargs):
     """Operator swaps arrive on SGLang's set_internal_state channel as numeric entries
     ``{"morph.layer.<id>": <format bits>}`` (the channel carries numbers only)."""
     args_in = recv_req.server_args or {}
-    swaps = {k: v for k, v in args_in.items() if k.startswith(SWAP_KEY_PREFIX)}
+    swaps = {k: v for k, v in args_in.items() if k.startswith(SWAP_KEY_PREFIX) or k == KV_KEY}
     if not swaps or _runtime is None:
         return original(controller, recv_req, *args, **kwargs)
     from sglang.srt.managers.io_struct import SetInternalStateReqOutput
 
-    return SetInternalStateReqOutput(updated=_runtime.handle_swaps(swaps))
+    return SetInternalStateReqOutput(updated=bool(_runtime.guarded(_runtime.handle_swaps, swaps)))
 
 
 def _after_generate_request(result, scheduler, *args, **kwargs) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from sglang_morph.config import FORMAT_BITS, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
 from sglang_morph.iterations import IterationLog
 from sglang_morph.memory import capacity_for
 
@@ -29,6 +29,7 @@ class MorphRuntime:
         self.transitions = 0
         self.clipped_actions = 0
         self.last_error: str | None = None
+        self.frozen = False
         self.iterations = IterationLog(cfg.extra.get("iteration_log"))
         self.arrivals: list[float] = []
         self.swapper = None
@@ -36,6 +37,7 @@ class MorphRuntime:
         self.controller = None
         self.layer_order = list(range(self.num_layers - 1, -1, -1))
         self.profile = None
+        self.kv_limit = None
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if cfg.enabled:
@@ -65,7 +67,7 @@ class MorphRuntime:
             self.kv = KVResizer(
                 self.scheduler, self.cfg.kv_segment_tokens, min_tokens=_context_len(self.scheduler)
             )
-            self.kv.request(self.kv.quantize_tokens(self._budget_capacity(self.formats())))
+            self.kv.request(self._kv_target(self.formats()))
         if self.cfg.policy in ("heuristic", "rl"):
             from sglang_morph.controller import Controller
 
@@ -85,6 +87,13 @@ class MorphRuntime:
         if self.swapper is None:
             return self.base_weight_bytes
         return self.base_weight_bytes - self.swappable_fp_bytes + self.swapper.device_bytes(formats)
+
+    def _kv_target(self, formats: list[str]) -> int:
+        """KV capacity for ``formats``: what the budget allows, capped by an operator's limit."""
+        tokens = self._budget_capacity(formats)
+        if self.kv_limit is not None:
+            tokens = min(tokens, self.kv_limit)
+        return self.kv.quantize_tokens(tokens)
 
     def _budget_capacity(self, formats: list[str]) -> int:
         assert self.cfg.memory_budget_bytes is not None
@@ -108,6 +117,20 @@ class MorphRuntime:
         if self.kv:
             return self.kv.alloc.committed_size()
         return self.scheduler.max_total_num_tokens
+
+    def guarded(self, fn, *args):
+        """Run a tick or command; an unexpected error freezes morphing instead of crashing
+        the scheduler: serving goes on in the current formats, and /morph/state says why."""
+        if self.frozen:
+            self.last_error = self.last_error or "morphing frozen"
+            return False
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 - the server must keep serving
+            logger.exception("sglang-morph: morphing frozen after an internal error")
+            self.frozen = True
+            self.last_error = f"morphing frozen after an internal error: {err!r}"
+            return False
 
     # -- tick --
 
@@ -143,7 +166,7 @@ class MorphRuntime:
                 grows = self.weight_bytes(after) > self.weight_bytes()
                 if grows:
                     # Weights grow (a restore): give KV bytes back first; wait for the shrink.
-                    target = self.kv.quantize_tokens(self._budget_capacity(after))
+                    target = self._kv_target(after)
                     if target > self._budget_capacity(after):
                         self.last_error = "budget too small to restore layer while serving"
                         continue
@@ -152,7 +175,7 @@ class MorphRuntime:
             self.swapper.commit(i)
             self.transitions += 1
             if self.kv is not None:
-                self.kv.request(self.kv.quantize_tokens(self._budget_capacity(self.formats())))
+                self.kv.request(self._kv_target(self.formats()))
 
     # -- hooks from the scheduler --
 
@@ -165,7 +188,8 @@ class MorphRuntime:
     # -- operator commands (POST /morph/swap) --
 
     def handle_swaps(self, swaps: dict[str, int]) -> bool:
-        """Apply ``{"morph.layer.<id>": <format bits>}``; False (with last_error) if refused.
+        """Apply ``{"morph.layer.<id>": <format bits>, "morph.kv_tokens": N}``; False (with
+        last_error) if refused.
 
         The launcher has already checked the JSON's types; this checks what only the
         scheduler knows: the policy in force and the layer ids.
@@ -183,6 +207,8 @@ class MorphRuntime:
                 )
             by_bits = {bits: fmt for fmt, bits in FORMAT_BITS.items()}
             changes: dict[int, str] = {}
+            if KV_KEY in swaps:
+                self._set_kv_limit(int(swaps.pop(KV_KEY)))
             for key, bits in swaps.items():
                 layer = key[len(SWAP_KEY_PREFIX) :]
                 if not layer.isdigit() or int(layer) >= self.num_layers:
@@ -201,6 +227,23 @@ class MorphRuntime:
             self.last_error = str(err)
             logger.warning("morph swap refused: %s", err)
             return False
+
+    def _set_kv_limit(self, tokens: int) -> None:
+        """An operator's KV capacity limit (manual policy); 0 removes it."""
+        if self.kv is None:
+            raise ValueError("KV resizing needs --morph-memory-budget")
+        if tokens == 0:
+            self.kv_limit = None
+        else:
+            self.kv.check_request(tokens)
+            allowed = self._budget_capacity(self.formats())
+            if tokens > allowed:
+                raise ValueError(
+                    f"cannot grow KV to {tokens} tokens: the memory budget allows {allowed} "
+                    f"tokens with the current layer formats (accepted: "
+                    f"{self.kv.min_tokens}..{allowed})")
+            self.kv_limit = tokens
+        self.kv.request(self._kv_target(self.formats()))
 
     # -- state --
 
@@ -248,7 +291,10 @@ class MorphRuntime:
             "swap_stall_last_s": stalls[-1] if stalls else 0.0,
             "decode_iteration_median_s": self.iterations.median_decode_s(),
             "kv_resize_last_step_s": self.kv.last_step_s if self.kv else 0.0,
+            "kv_limit_tokens": self.kv_limit,
+            "kv_resize_complete": self.kv.complete if self.kv else True,
             "last_error": self.last_error,
+            "frozen": self.frozen,
         }
 
     def summary(self) -> str:

@@ -20,7 +20,7 @@ from sglang_morph.kv.elastic_allocator import ElasticTokenToKVPoolAllocator
 SIZE_HOLDERS = ("pool_stats_observer", "invariant_checker", "load_inquirer", "kv_events_publisher")
 
 
-class KVResizeError(ValueError):
+class KVResizeError(ValueError):  # a ValueError: refused commands report it as last_error
     """A resize request that can never be satisfied (e.g. larger than the reservation)."""
 
 
@@ -62,6 +62,12 @@ class KVResizer:
 
     def request(self, tokens: int) -> bool:
         """Set the target capacity; returns whether it is reached already."""
+        self.check_request(tokens)
+        self.target = tokens
+        return self.step()
+
+    def check_request(self, tokens: int) -> None:
+        """Raise KVResizeError for a capacity this reservation can never have."""
         if tokens > self.reserved_tokens:
             raise KVResizeError(
                 f"cannot resize KV to {tokens} tokens: the reservation holds "
@@ -73,8 +79,6 @@ class KVResizer:
                 f"cannot resize KV to {tokens} tokens: below the minimum {self.min_tokens} "
                 f"(accepted: {self.min_tokens}..{self.reserved_tokens})"
             )
-        self.target = tokens
-        return self.step()
 
     def step(self) -> bool:
         """Advance toward the target; True when no slot above the limit is held any more."""
@@ -100,9 +104,9 @@ class KVResizer:
             reqs.append(s.chunked_req)
         table = s.req_to_token_pool.req_to_token
         rows = [
-            table[r.req_pool_idx, : r.kv.kv_allocated_len]
+            table[r.kv.req_pool_idx, : r.kv.kv_allocated_len]
             for r in reqs
-            if r.req_pool_idx is not None and r.kv.kv_allocated_len > 0
+            if r.kv.req_pool_idx is not None and r.kv.kv_allocated_len > 0
         ]
         return torch.cat(rows).to(torch.int64) if rows else torch.empty(0, dtype=torch.int64)
 

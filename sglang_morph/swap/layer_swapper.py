@@ -75,10 +75,12 @@ class LayerSwapper:
         self.slots: list[LayerSlot] = []
         for i, layer in enumerate(layers):
             linears = {name: _get(layer, name) for name in LINEAR_NAMES}
-            fp_bytes = sum(lin.weight.numel() * lin.weight.element_size()
-                           for lin in linears.values())
-            slot = LayerSlot(i, layer, linears,
-                             {n: lin.quant_method for n, lin in linears.items()}, fp_bytes)
+            fp_bytes = sum(
+                lin.weight.numel() * lin.weight.element_size() for lin in linears.values()
+            )
+            slot = LayerSlot(
+                i, layer, linears, {n: lin.quant_method for n, lin in linears.items()}, fp_bytes
+            )
             for fmt in formats:
                 slot.copies[fmt] = self._quantize_layer(slot, fmt)
             self.slots.append(slot)
@@ -115,13 +117,13 @@ class LayerSwapper:
         with torch.no_grad(), _stream_ctx(self._stream):
             if fmt == "fp":
                 assert slot.host_fp is not None
-                payload = {"weights": {n: t.to(self.device, copy=True)
-                                       for n, t in slot.host_fp.items()}}
+                payload = {
+                    "weights": {n: t.to(self.device, copy=True) for n, t in slot.host_fp.items()}
+                }
             else:
                 if fmt not in slot.copies:
                     slot.copies[fmt] = self._quantize_layer(slot, fmt)
-                payload = {"quantized": {n: q.to(self.device)
-                                         for n, q in slot.copies[fmt].items()}}
+                payload = {"quantized": {n: q.to(self.device) for n, q in slot.copies[fmt].items()}}
                 if slot.host_fp is None:
                     payload["host_fp"] = {
                         n: _to_host(lin.weight.detach()) for n, lin in slot.linears.items()
@@ -174,8 +176,7 @@ class LayerSwapper:
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, device="cpu",
-                       pin_memory=t.device.type == "cuda")
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
     host.copy_(t, non_blocking=t.device.type == "cuda")
     return host
 

@@ -1,0 +1,281 @@
+"""Offline layer-importance profile: which layers to quantize first, and what each costs.
+
+MorphServe swaps the least important layers first. This measures, on calibration text:
+
+* ``io_cosine``: cosine between a layer's input and output hidden states (high: the layer
+  changes little, so errors in it matter less);
+* ``quant_output_cosine``: cosine between a layer's full-precision and quantized outputs on the
+  same input (how much quantization perturbs that layer alone);
+* ``greedy``: the paper's greedy order. Step j quantizes, on top of the j-1 layers already
+  chosen, each remaining layer in turn and keeps the one whose addition leaves the final hidden
+  state (the LM head's input) closest to full precision. Conditioning on the chosen set catches
+  interactions that per-layer scores miss. ``layer_order`` is this order.
+
+It also records each layer's bytes per format and the latency of its four SGLang linears per
+format and token count (attention and norms do not depend on the format), for the runtime and
+the simulator, and with AWQ the searched input scales so the server reuses them.
+
+Calibration text defaults to stories sampled from the full-precision model itself with a fixed
+seed (see ``hf_model.sample_text``), never the evaluation text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
+
+from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS
+from sglang_morph.data import resolve_model
+from sglang_morph.hf_model import (
+    SGLANG_LINEAR_GROUPS,
+    ActScales,
+    LayerSwapper,
+    TokenText,
+    decoder_layers,
+    load_model,
+    load_tokenizer,
+    sample_text,
+    search_act_scales,
+    tokenize_stories,
+)
+from sglang_morph.quant.matmul import quantized_matmul
+from sglang_morph.quant.quantize import quantize_weight
+
+TOKEN_COUNTS = (1, 8, 32, 128)
+_CONSOLE = Console(stderr=True)
+
+
+def load_profile(path: str | Path) -> dict:
+    """A profile written by this module, checked for the fields the runtime reads."""
+    profile = json.loads(Path(path).read_text())
+    missing = {"format", "num_layers", "layers", "layer_order"} - set(profile)
+    if missing:
+        raise ValueError(f"{path} is not a layer profile: missing {sorted(missing)}")
+    if sorted(profile["layer_order"]) != list(range(profile["num_layers"])):
+        raise ValueError(f"{path}: layer_order is not a permutation of the model's layers")
+    return profile
+
+
+def layer_order(profile: dict) -> list[int]:
+    """Layers in the order to quantize them (least important first)."""
+    return [int(i) for i in profile["layer_order"]]
+
+
+def act_scales_from_profile(profile: dict) -> ActScales | None:
+    """The AWQ input scales a profile carries, as tensors; None for a round-to-nearest one."""
+    scales = profile.get("act_scales")
+    if not scales:
+        return None
+    return {
+        int(layer): {group: torch.tensor(values) for group, values in groups.items()}
+        for layer, groups in scales.items()
+    }
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Mean per-token cosine similarity over all tokens of all sequences."""
+    return F.cosine_similarity(torch.cat(a), torch.cat(b), dim=-1).mean().item()
+
+
+class _Runner:
+    """Runs the calibration text under a format assignment, capturing hidden states."""
+
+    def __init__(self, swapper: LayerSwapper, text: TokenText, fmt: str) -> None:
+        self.swapper, self.text, self.fmt = swapper, text, fmt
+        self._finals: dict[frozenset[int], list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def run(self, quantized: frozenset[int]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Final hidden states and (input, then each layer's output) per sequence."""
+        self.swapper.set_formats({i: self.fmt for i in quantized})
+        model = self.swapper.model
+        layers = decoder_layers(model)
+        states: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
+
+        def keep(index: int):
+            def hook(_m: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if index == 0:
+                    states[0].append(args[0][0])
+                states[index + 1].append(output[0])
+
+            return hook
+
+        handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
+        try:
+            finals = [model.model(seq[None]).last_hidden_state[0] for seq in self.text.sequences]
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._finals[quantized] = finals
+        return finals, states
+
+    def finals(self, quantized: frozenset[int]) -> list[torch.Tensor]:
+        if quantized not in self._finals:
+            self.run(quantized)
+        return self._finals[quantized]
+
+
+def _layer_latency(
+    swapper: LayerSwapper,
+    layer_id: int,
+    fmt: str,
+    token_counts: tuple[int, ...],
+    repeats: int,
+) -> dict[str, float]:
+    """Median seconds for the layer's four SGLang linears at each token count."""
+    weights = [swapper.fp_weight(layer_id, group) for group in SGLANG_LINEAR_GROUPS]
+    if fmt == "fp":
+        calls = [lambda x, w=w: F.linear(x, w) for w in weights]
+    else:
+        qws = [swapper.quantized_weight(layer_id, group, fmt) for group in SGLANG_LINEAR_GROUPS]
+        calls = [lambda x, qw=qw: quantized_matmul(x, qw) for qw in qws]
+    generator = torch.Generator().manual_seed(0)
+    out: dict[str, float] = {}
+    for tokens in token_counts:
+        inputs = [torch.randn(tokens, w.shape[1], generator=generator) for w in weights]
+        times = []
+        for rep in range(repeats + 3):
+            start = time.perf_counter()
+            for call, x in zip(calls, inputs, strict=True):
+                call(x)
+            if rep >= 3:  # the first calls warm caches and allocators
+                times.append(time.perf_counter() - start)
+        out[str(tokens)] = statistics.median(times)
+    return out
+
+
+def _layer_bytes(
+    swapper: LayerSwapper, layer_id: int, act_scales: ActScales | None
+) -> dict[str, int]:
+    """Resident bytes of the layer's four SGLang linears per format (fp: float32).
+
+    With AWQ every quantized format carries an input scale; its size does not depend on the
+    values, so the profile format's scales size the other format too.
+    """
+    weights = {g: swapper.fp_weight(layer_id, g) for g in SGLANG_LINEAR_GROUPS}
+    out = {"fp": sum(w.numel() * 4 for w in weights.values())}
+    for fmt in QUANTIZED_FORMATS:
+        out[fmt] = sum(
+            quantize_weight(
+                w, fmt, swapper.group_size, None if act_scales is None else act_scales[layer_id][g]
+            ).nbytes()
+            for g, w in weights.items()
+        )
+    return out
+
+
+@torch.no_grad()
+def build_profile(
+    model_path: str | None = None,
+    fmt: str = "int4",
+    group_size: int = 32,
+    quant_method: str = "rtn",
+    calibration: str | Path | None = None,
+    token_counts: tuple[int, ...] = TOKEN_COUNTS,
+    latency_repeats: int = 20,
+    progress: bool = True,
+) -> dict:
+    """The profile JSON of ``model_path`` (default: the embedded stories260K)."""
+    path = resolve_model(model_path)
+    model = load_model(path)
+    if calibration is None:
+        text = sample_text(model)
+    else:
+        text = tokenize_stories(calibration, load_tokenizer(path))
+    act_scales = None
+    if quant_method == "awq":
+        act_scales = search_act_scales(model, text.sequences, fmt, group_size)
+    swapper = LayerSwapper(model, group_size, {fmt: act_scales} if act_scales else None)
+    runner = _Runner(swapper, text, fmt)
+    num_layers = swapper.num_layers
+
+    _, fp_states = runner.run(frozenset())
+    layers = []
+    for i in track(range(num_layers), "per-layer scores", disable=not progress, console=_CONSOLE):
+        _, q_states = runner.run(frozenset({i}))
+        layers.append(
+            {
+                "id": i,
+                "io_cosine": _cosine(fp_states[i], fp_states[i + 1]),
+                "quant_output_cosine": _cosine(fp_states[i + 1], q_states[i + 1]),
+                "bytes": _layer_bytes(swapper, i, act_scales),
+                "latency_s": {
+                    f: _layer_latency(swapper, i, f, token_counts, latency_repeats)
+                    for f in ("fp", *QUANTIZED_FORMATS)
+                },
+            }
+        )
+
+    fp_final = runner.finals(frozenset())
+    chosen: list[int] = []
+    greedy = []
+    for step in track(
+        range(1, num_layers + 1), "greedy order", disable=not progress, console=_CONSOLE
+    ):
+        scores = {
+            c: _cosine(fp_final, runner.finals(frozenset([*chosen, c])))
+            for c in range(num_layers)
+            if c not in chosen
+        }
+        best = max(scores, key=lambda c: (scores[c], -c))
+        chosen.append(best)
+        greedy.append({"step": step, "layer": best, "final_hidden_cosine": scores[best]})
+    swapper.set_formats({})
+
+    profile = {
+        "model": path,
+        "format": fmt,
+        "group_size": group_size,
+        "quant_method": quant_method,
+        "calibration": {"source": text.source, "sha256": text.sha256, "tokens": text.tokens},
+        "num_layers": num_layers,
+        "layers": layers,
+        "greedy": greedy,
+        "layer_order": chosen,
+    }
+    if act_scales is not None:
+        profile["act_scales"] = {
+            str(i): {g: s.tolist() for g, s in groups.items()} for i, groups in act_scales.items()
+        }
+    return profile
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang_morph.profile", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model-path", default=None, help="HF model dir (default: stories260K)")
+    parser.add_argument("--format", default="int4", choices=QUANTIZED_FORMATS)
+    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES)
+    parser.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS)
+    parser.add_argument(
+        "--calibration",
+        default=None,
+        help="<|endoftext|>-separated text file (default: text sampled from the model, seed 0)",
+    )
+    parser.add_argument("--out", required=True, help="profile JSON to write")
+    args = parser.parse_args(argv)
+    profile = build_profile(
+        args.model_path, args.format, args.group_size, args.quant_method, args.calibration
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(profile, indent=1) + "\n")
+    for entry in profile["greedy"]:
+        _CONSOLE.print(
+            f"step {entry['step']}: layer {entry['layer']} "
+            f"final-hidden cosine {entry['final_hidden_cosine']:.6f}"
+        )
+    _CONSOLE.print(f"layer_order {profile['layer_order']} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
