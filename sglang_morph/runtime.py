@@ -40,6 +40,7 @@ class MorphRuntime:
         self.kv_limit = None
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.metrics = None
         if cfg.enabled:
             self._build()
         self.desired = self.formats()
@@ -68,6 +69,10 @@ class MorphRuntime:
                 self.scheduler, self.cfg.kv_segment_tokens, min_tokens=_context_len(self.scheduler)
             )
             self.kv.request(self._kv_target(self.formats()))
+        from sglang_morph.metrics import MorphMetrics, metrics_enabled
+
+        if metrics_enabled():
+            self.metrics = MorphMetrics()
         if self.cfg.policy in ("heuristic", "rl"):
             from sglang_morph.controller import Controller
 
@@ -141,6 +146,14 @@ class MorphRuntime:
         if self.controller is not None:
             self.controller.maybe_decide()
         self._settle()
+        if self.metrics is not None:
+            self.metrics.update({
+                "quantized_layers": self.quantized_layers(),
+                "kv_capacity_tokens": self.kv_capacity_tokens(),
+                "kv_quarantined_tokens": self.kv.alloc.quarantined_size() if self.kv else 0,
+                "transitions": self.transitions,
+                "fallbacks": self.controller.fallbacks() if self.controller else 0,
+            })
 
     def set_target_quantized(self, k: int) -> None:
         """Quantize the first ``k`` layers of the importance order, restore the others."""
@@ -284,6 +297,7 @@ class MorphRuntime:
             "transitions": self.transitions,
             "fallbacks": self.controller.fallbacks() if self.controller else 0,
             "decision_s_median": _median(self.controller.decide_s) if self.controller else None,
+            "last_observation": self.controller.observation_dict() if self.controller else None,
             "clipped_actions": self.clipped_actions,
             "queue_len": len(s.waiting_queue),
             "running_reqs": len(s.running_batch.reqs) if s.running_batch is not None else 0,

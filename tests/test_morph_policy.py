@@ -1,0 +1,101 @@
+"""The controller in the live server: the heuristic reacts to a burst and settles back, its
+gauges reach Prometheus, and an unusable RL checkpoint falls back without stopping serving."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.server import Server
+
+BUDGET = "2100000"  # ~768 KV tokens at full precision: a burst of long prompts does not fit
+
+
+def burst(server: Server, n: int = 12, prompt: int = 200, out: int = 60) -> list[dict]:
+    def one(i: int) -> dict:
+        r = server.post("/generate", {"input_ids": [5 + i] * prompt, "sampling_params": {
+            "temperature": 0, "max_new_tokens": out, "ignore_eos": True}}, timeout=600)
+        r.raise_for_status()
+        return r.json()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def watch(server: Server, seconds: float) -> list[dict]:
+    states, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states.append(server.get("/morph/state").json())
+        time.sleep(0.1)
+    return states
+
+
+@pytest.fixture(scope="module")
+def heuristic():
+    s = Server(["--morph-policy", "heuristic", "--morph-memory-budget", BUDGET,
+                "--morph-ttft-slo", "0.5", "--enable-metrics"])
+    yield s
+    s.stop()
+
+
+def test_heuristic_quiet_under_low_load(heuristic):
+    for _ in range(5):
+        heuristic.generate("Once upon a time", 20)
+        time.sleep(0.3)
+    st = heuristic.get("/morph/state").json()
+    assert st["transitions"] == 0 and st["quantized_layers"] == 0
+
+
+def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(burst, heuristic)
+        seen = watch(heuristic, 8)
+        done = results.result()
+    assert all(r["meta_info"]["completion_tokens"] == 60 for r in done)
+    peak = max(s["quantized_layers"] for s in seen)
+    assert peak > 0, "the heuristic never quantized during the burst"
+    assert max(s["kv_capacity_tokens"] for s in seen) > seen[0]["kv_capacity_tokens"]
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        st = heuristic.get("/morph/state").json()
+        if st["quantized_layers"] == 0 and st["kv_resize_complete"]:
+            break
+        time.sleep(0.5)
+    assert st["quantized_layers"] == 0, "layers were not restored once the load was gone"
+    assert st["device_bytes_in_use"] <= int(BUDGET) and not st["frozen"]
+    assert st["decision_s_median"] is not None
+
+
+def test_morph_gauges_in_prometheus(heuristic):
+    text = heuristic.get("/metrics").text
+    st = heuristic.get("/morph/state").json()
+    for name in ("quantized_layers", "kv_capacity_tokens", "transitions"):
+        assert f"sglang_morph:{name}" in text
+    line = next(x for x in text.splitlines() if x.startswith("sglang_morph:transitions"))
+    assert float(line.split()[-1]) == st["transitions"]
+
+
+def test_manual_swap_refused_while_policy_decides(heuristic):
+    r = heuristic.post("/morph/swap", {"layers": [0], "format": "int4"})
+    assert r.status_code == 409 and "heuristic policy owns" in r.json()["error"]
+
+
+def test_corrupt_rl_checkpoint_falls_back_and_keeps_serving(tmp_path_factory):
+    bad = tmp_path_factory.mktemp("ckpt") / "broken.zip"
+    bad.write_bytes(b"not a zip file")
+    s = Server(["--morph-policy", "rl", "--morph-checkpoint", str(bad),
+                "--morph-memory-budget", BUDGET, "--morph-ttft-slo", "0.5"])
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            results = pool.submit(burst, s)
+            seen = watch(s, 6)
+            done = results.result()
+        assert all(r["meta_info"]["completion_tokens"] == 60 for r in done)
+        st = s.get("/morph/state").json()
+        assert st["policy"] == "rl" and st["fallbacks"] > 0
+        assert max(x["quantized_layers"] for x in seen) > 0  # the heuristic took over
+        assert "RL checkpoint unusable" in open(s.log.name).read()
+    finally:
+        s.stop()
