@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server import Server
+from sglang_morph.server_process import Server
 
 BUDGET = 2_100_000  # stories260K fp32: ~1.1 MB of weights + 768 KV tokens of 1,280 B
 SEGMENT = 64

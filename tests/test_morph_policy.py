@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.server import Server
+from sglang_morph.server_process import Server
 
 BUDGET = "2100000"  # ~768 KV tokens at full precision: a burst of long prompts does not fit
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.server import Server
+from sglang_morph.server_process import Server
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. "

@@ -1,4 +1,5 @@
-"""A real sglang-morph server in a subprocess, for tests (one per test module)."""
+"""A real sglang-morph server in a subprocess: used by the tests (one per module) and the
+benchmarks, which must exercise the same launcher a user runs."""
 
 from __future__ import annotations
 

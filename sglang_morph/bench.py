@@ -1,0 +1,129 @@
+"""``python -m sglang_morph.bench``: the runtime's speed and memory targets, measured side by side.
+
+Starts one real server (manual policy, a memory budget) and, under a steady decode load,
+measures in the same run:
+- the swap stall per layer (the scheduler-side commit) against the median decode iteration;
+- the KV resize step per segment (grow and shrink);
+- KV capacity gained per layer swapped against the freed bytes / KV bytes per token.
+Prints a table and writes it as JSON (``--out``); docs/benchmarks.md records the latest figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import requests
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from sglang_morph.server_process import Server
+
+
+def _state(url: str) -> dict:
+    return requests.get(f"{url}/morph/state", timeout=30).json()
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    r = requests.post(f"{url}{path}", json=body, timeout=60)
+    r.raise_for_status()
+    return r.json()
+
+
+def _settle(url: str) -> dict:
+    for _ in range(600):
+        st = _state(url)
+        if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
+            return st
+        time.sleep(0.05)
+    raise RuntimeError("server did not settle")
+
+
+def run(budget: int, reps: int) -> dict:
+    server = Server(["--morph-policy", "manual", "--morph-memory-budget", str(budget)])
+    stop = threading.Event()
+
+    def load() -> None:  # steady decodes so stalls are measured while serving
+        while not stop.is_set():
+            requests.post(f"{server.url}/generate", json={
+                "input_ids": [11] * 32, "sampling_params": {
+                    "max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}, timeout=300)
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        st0 = _settle(server.url)
+        n = len(st0["layers"])
+        bpt = st0["kv_bytes_per_token"]
+        stalls, gains, resize = [], [], []
+        for _ in track(range(reps), description="swap / restore / resize cycles"):
+            for layer in st0["layer_order"]:
+                before = _settle(server.url)
+                _post(server.url, "/morph/swap", {"layers": [layer], "format": "int4"})
+                after = _settle(server.url)
+                stalls.append(after["swap_stall_last_s"])
+                fmt = after["layers"][layer]["bytes_by_format"]
+                gains.append({
+                    "layer": layer,
+                    "freed_tokens": (fmt["fp"] - fmt["int4"]) / bpt,
+                    "capacity_gain": after["kv_capacity_tokens"] - before["kv_capacity_tokens"],
+                    "segments": max(1, (after["kv_capacity_tokens"]
+                                        - before["kv_capacity_tokens"]) // 64),
+                })
+                resize.append(after["kv_resize_last_step_s"] / gains[-1]["segments"])
+            _post(server.url, "/morph/swap", {"layers": list(range(n)), "format": "fp"})
+            after = _settle(server.url)
+            stalls.append(after["swap_stall_last_s"])
+        decode = _state(server.url)["decode_iteration_median_s"]
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=300)
+        server.stop()
+    stalls.sort()
+    resize.sort()
+    return {
+        "budget_bytes": budget,
+        "decode_iteration_median_s": decode,
+        "swap_stall_median_s": stalls[len(stalls) // 2],
+        "swap_stall_max_s": stalls[-1],
+        "swap_stall_max_over_decode": stalls[-1] / decode,
+        "kv_resize_step_per_segment_median_s": resize[len(resize) // 2],
+        "kv_resize_step_per_segment_max_s": resize[-1],
+        "capacity_gain_vs_freed": gains[: n],
+        "max_gap_tokens": max(g["freed_tokens"] - g["capacity_gain"] for g in gains),
+        "cycles": reps,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=int, default=2_100_000)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path("runs/bench_runtime.json"))
+    args = p.parse_args()
+    res = run(args.budget, args.reps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    t = Table(title="sglang-morph runtime benchmark (stories260K, CPU)")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("decode iteration, median", f"{res['decode_iteration_median_s'] * 1e3:.2f} ms")
+    t.add_row("swap stall per layer, median / max",
+              f"{res['swap_stall_median_s'] * 1e3:.3f} / {res['swap_stall_max_s'] * 1e3:.3f} ms")
+    t.add_row("max swap stall / decode iteration", f"{res['swap_stall_max_over_decode']:.3f}")
+    t.add_row("KV resize step per segment, median / max",
+              f"{res['kv_resize_step_per_segment_median_s'] * 1e3:.3f} / "
+              f"{res['kv_resize_step_per_segment_max_s'] * 1e3:.3f} ms")
+    t.add_row("freed tokens - capacity gain, worst layer", f"{res['max_gap_tokens']:.1f} tokens")
+    Console().print(t)
+    print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
