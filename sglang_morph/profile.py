@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from rich.console import Console
 from rich.progress import track
 
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS
-from sglang_morph.data import resolve_model
+from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.hf_model import (
     SGLANG_LINEAR_GROUPS,
     ActScales,
@@ -100,7 +101,7 @@ class _Runner:
         layers = decoder_layers(model)
         states: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + 1)]
 
-        def keep(index: int):
+        def keep(index: int) -> Callable[..., None]:
             def hook(_m: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
                 if index == 0:
                     states[0].append(args[0][0])
@@ -231,12 +232,17 @@ def build_profile(
     swapper.set_formats({})
 
     profile = {
-        "model": path,
+        "model": model_path or DEFAULT_MODEL,
         "format": fmt,
         "group_size": group_size,
         "quant_method": quant_method,
         "calibration": {"source": text.source, "sha256": text.sha256, "tokens": text.tokens},
         "num_layers": num_layers,
+        "latency_setup": {
+            "scope": "the layer's four SGLang linears (fused shapes), random activations",
+            "statistic": f"median of {latency_repeats} after 3 warm-up calls",
+            "torch_threads": torch.get_num_threads(),
+        },
         "layers": layers,
         "greedy": greedy,
         "layer_order": chosen,

@@ -80,8 +80,7 @@ class QuantizedWeight:
         if self.fmt == "int8":
             w = self.qweight.float() * self.scales.float()[:, None]
         else:
-            codes = unpack_int4_codes(self)
-            w = _decode_int4(codes, self.scales[:, : codes.shape[0]], self.group_size)
+            w = _decode_int4(unpack_int4_codes(self), self.scales, self.group_size)
         return _finish(w, self.out_features, self.in_features, self.input_scale).to(dtype)
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
@@ -113,12 +112,8 @@ def quantize_weight(
     input_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """Quantize ``w`` (out, in) to ``fmt`` and pack it for the kernel of ``w``'s device."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; accepted: {', '.join(FORMATS)}")
-    out_features, in_features = w.shape
     w, input_scale = _prepare(w, fmt, group_size, input_scale)
+    out_features, in_features = w.shape
     if fmt == "int8":
         qweight, scales = _pack_int8(*_int8_codes(w))
         return QuantizedWeight(
@@ -139,8 +134,8 @@ def fake_quantize(
     input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``quantize_weight(...).dequantize()`` without packing: the cheap inner step of AWQ."""
-    out_features, in_features = w.shape
     w, input_scale = _prepare(w, fmt, group_size, input_scale)
+    out_features, in_features = w.shape
     if fmt == "int8":
         q, scales = _int8_codes(w)
         deq = q.float() * scales.float()[:, None]
@@ -269,16 +264,13 @@ def unpack_int4_codes(qw: QuantizedWeight) -> torch.Tensor:
 
     The kernels' packed layouts are opaque (the CPU one depends on the SIMD width torch was
     built for), so codes are read back through the kernel itself: the identity times the packed
-    weight is ``(q - 8) * scale + zero`` rounded to bfloat16, which is within far less than half
-    a grid step of the exact value and so inverts to ``q``.
+    weight with every (scale, zero) set to (1, 0) is exactly ``q - 8``.
     """
     if qw.layout == "nibble":
         low, high = qw.qweight & 0x0F, qw.qweight >> 4
         return torch.stack([low, high], dim=2).view(qw.qweight.shape[0], -1)
     eye = torch.eye(qw.padded_in_features, dtype=qw.scales.dtype, device=qw.device)
+    unit = torch.zeros_like(qw.scales)
+    unit[..., 0] = 1.0
     mm = torch._weight_int4pack_mm_for_cpu if qw.layout == "int4_cpu" else torch._weight_int4pack_mm
-    w = mm(eye, qw.qweight, qw.group_size, qw.scales).float().t()
-    sz = qw.scales.float()
-    scale = sz[..., 0].t().repeat_interleave(qw.group_size, dim=1)
-    zero = sz[..., 1].t().repeat_interleave(qw.group_size, dim=1)
-    return (torch.round((w - zero) / scale) + 8).clamp(0, 15).to(torch.uint8)
+    return (mm(eye, qw.qweight, qw.group_size, unit).t() + 8).to(torch.uint8)

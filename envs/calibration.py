@@ -1,0 +1,171 @@
+"""Iteration-time model of one SGLang replica, fitted to forward times measured on the engine.
+
+The simulator is only as good as its iteration times, so they come from the real engine: the
+runtime records one sample per scheduler iteration (served at ``GET /morph/iterations``) and
+``python -m envs.calibrate`` fits this linear model to them. A linear model in prefill tokens,
+decode requests and quantized layers is enough at this scale (the measured decode steps are
+within ~10% of a line) and keeps the simulator's inner loop to one dot product.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibrations"
+DEFAULT_CALIBRATION = CALIBRATION_DIR / "stories260K-cpu.json"
+
+SAMPLE_FIELDS = ("batch_tokens", "prefill_tokens", "decode_reqs", "quantized_layers", "forward_s")
+COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s")
+
+
+class CalibrationError(ValueError):
+    """Samples or a calibration file that cannot be used, with the reason."""
+
+
+@dataclass(frozen=True)
+class IterationSample:
+    """One measured scheduler iteration (forward pass) of the engine."""
+
+    batch_tokens: int
+    prefill_tokens: int
+    decode_reqs: int
+    quantized_layers: int
+    forward_s: float
+
+
+@dataclass(frozen=True)
+class IterationModel:
+    """forward_s = base + a * prefill_tokens + b * decode_reqs + c * quantized_layers, and a
+    fixed stall of ``swap_s_per_layer`` per layer quantized or restored."""
+
+    base_s: float
+    per_prefill_token_s: float
+    per_decode_req_s: float
+    per_quantized_layer_s: float
+    swap_s_per_layer: float
+    source: str
+    """Where the numbers come from (measured on which engine, or estimated from what)."""
+
+    def iteration_s(self, prefill_tokens: int, decode_reqs: int, quantized_layers: int) -> float:
+        """Seconds of one scheduler iteration with this batch."""
+        return (
+            self.base_s
+            + self.per_prefill_token_s * prefill_tokens
+            + self.per_decode_req_s * decode_reqs
+            + self.per_quantized_layer_s * quantized_layers
+        )
+
+
+def parse_samples(raw: object) -> tuple[list[IterationSample], list[tuple[int, float]]]:
+    """Iteration samples and swap timings from decoded JSON.
+
+    Accepts a list of iteration samples, or ``{"iterations": [...], "swaps": [{"layers": n,
+    "seconds": s}, ...]}``; other keys (notes) are ignored. Raises CalibrationError naming the
+    first malformed entry.
+    """
+    if isinstance(raw, list):
+        raw = {"iterations": raw}
+    if not isinstance(raw, dict) or not isinstance(raw.get("iterations"), list):
+        raise CalibrationError(
+            "expected a JSON list of iteration samples or an object with an 'iterations' list"
+        )
+    samples = []
+    for i, item in enumerate(raw["iterations"]):
+        missing = [f for f in SAMPLE_FIELDS if not isinstance(item, dict) or f not in item]
+        if missing:
+            raise CalibrationError(f"iteration sample {i} lacks {', '.join(missing)}: {item!r}")
+        sample = IterationSample(
+            int(item["batch_tokens"]),
+            int(item["prefill_tokens"]),
+            int(item["decode_reqs"]),
+            int(item["quantized_layers"]),
+            float(item["forward_s"]),
+        )
+        if not (math.isfinite(sample.forward_s) and sample.forward_s > 0):
+            raise CalibrationError(f"iteration sample {i}: forward_s must be positive: {item!r}")
+        samples.append(sample)
+    swaps = []
+    for i, item in enumerate(raw.get("swaps", [])):
+        try:
+            swaps.append((int(item["layers"]), float(item["seconds"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CalibrationError(
+                f"swap record {i} needs 'layers' and 'seconds': {item!r}"
+            ) from err
+    return samples, swaps
+
+
+def fit_iteration_model(
+    samples: list[IterationSample],
+    fallback: IterationModel,
+    swaps: list[tuple[int, float]],
+    source: str,
+) -> tuple[IterationModel, dict]:
+    """Least-squares fit of the coefficients the samples can identify; the rest from fallback.
+
+    A coefficient is identifiable when its column varies in the samples (e.g. samples taken with
+    no layer quantized say nothing about ``per_quantized_layer_s``). Coefficients are kept
+    non-negative by fixing a negative one to 0 and refitting. Returns the model and a fit report
+    (which coefficients were fitted, R^2, max relative error) for the calibration file.
+    """
+    if len(samples) < 2:
+        raise CalibrationError(f"need at least 2 iteration samples to fit, got {len(samples)}")
+    y = np.array([s.forward_s for s in samples])
+    columns = {
+        "per_prefill_token_s": np.array([s.prefill_tokens for s in samples], dtype=float),
+        "per_decode_req_s": np.array([s.decode_reqs for s in samples], dtype=float),
+        "per_quantized_layer_s": np.array([s.quantized_layers for s in samples], dtype=float),
+    }
+    coef = {name: getattr(fallback, name) for name in COEFFICIENTS}
+    free = [name for name, col in columns.items() if np.ptp(col) > 0]
+    while True:
+        fixed = sum(coef[n] * columns[n] for n in columns if n not in free)
+        design = np.column_stack([np.ones_like(y)] + [columns[n] for n in free])
+        solution, *_ = np.linalg.lstsq(design, y - fixed, rcond=None)
+        negative = [n for n, v in zip(free, solution[1:], strict=True) if v < 0]
+        if not negative:
+            break
+        for name in negative:
+            coef[name] = 0.0
+        free = [n for n in free if n not in negative]
+    coef["base_s"] = max(0.0, float(solution[0]))
+    coef.update({n: float(v) for n, v in zip(free, solution[1:], strict=True)})
+    swap_s = sum(s for _, s in swaps) / sum(n for n, _ in swaps) if swaps else None
+    model = IterationModel(
+        **coef,
+        swap_s_per_layer=fallback.swap_s_per_layer if swap_s is None else swap_s,
+        source=source,
+    )
+    predicted = np.array(
+        [model.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers) for s in samples]
+    )
+    residual = y - predicted
+    total = float(np.sum((y - y.mean()) ** 2))
+    report = {
+        "samples": len(samples),
+        "fitted": ["base_s", *free],
+        "from_fallback": [n for n in COEFFICIENTS if n not in ("base_s", *free)]
+        + ([] if swap_s is not None else ["swap_s_per_layer"]),
+        "r2": 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0,
+        "max_rel_error": float(np.max(np.abs(residual) / y)),
+    }
+    return model, report
+
+
+def save_calibration(model: IterationModel, report: dict, path: str | Path) -> None:
+    """Write the model with its fit report (the file documents its own provenance)."""
+    Path(path).write_text(json.dumps({"model": asdict(model), "fit": report}, indent=2) + "\n")
+
+
+def load_calibration(path: str | Path = DEFAULT_CALIBRATION) -> IterationModel:
+    """The iteration model in a calibration file; CalibrationError if it is malformed."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        return IterationModel(**raw["model"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CalibrationError(f"cannot read calibration {path}: {err}") from err

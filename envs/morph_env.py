@@ -1,0 +1,200 @@
+"""``MorphServe-v0``: a gymnasium environment in which a controller picks the int4 layer count.
+
+One step is one controller tick (``tick_s`` of served time). The observation is
+``observation_vector`` of the backend's ``LoadSnapshot`` (the same features the runtime feeds a
+policy). Two action modes:
+
+- ``"delta"`` (default, used for training): ``Discrete(3)`` over ``DELTA_ACTIONS`` = restore one
+  layer / hold / quantize one more. Holding is the same action in every state, so exploring
+  does not mean churning; a burst takes L ticks to reach all layers (0.25 s at the default
+  0.05-s tick, the runtime's default tick).
+- ``"target"``: ``Discrete(L + 1)``, the absolute target of ``Policy.decide``; used to evaluate
+  any policy (the RL policy turns its delta into a target itself).
+
+Targets outside ``[0, L]`` or restoring layers whose KV is in use are clipped by
+``clip_action`` and counted. An episode replays one window of a trace (a random one per reset,
+from the env's seeded generator, or ``options={"window": i}``) and is truncated at its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+
+from envs.backend import ServingBackend
+from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_calibration
+from envs.reward import (
+    DEFAULT_QUALITY_TABLE,
+    RewardWeights,
+    tick_terms,
+    validate_quality_table,
+)
+from envs.simulator import ReplicaConfig, Simulator
+from eval.traces import LengthMapping, Trace, load_trace, map_lengths, scale_time, select_window
+from rl_controller.observation import OBS_SIZE, LoadSnapshot, observation_vector
+from rl_controller.policy import DELTA_ACTIONS, clip_action
+
+Window = tuple[float, float]
+
+
+def prepare_trace(name_or_path: str, mapping: LengthMapping, time_scale: float) -> Trace:
+    """A trace as the simulator replays it: lengths mapped to the model, time compressed."""
+    return scale_time(map_lengths(load_trace(name_or_path), mapping), time_scale)
+
+
+def split_windows(
+    trace: Trace, window_s: float, train_frac: float
+) -> tuple[list[Window], list[Window]]:
+    """Consecutive ``window_s`` windows; those ending within the first ``train_frac`` of the
+    trace train, those starting after it evaluate (none straddles the split), so evaluation
+    never replays a second that training saw."""
+    split = trace.duration_s * train_frac
+    starts = np.arange(0.0, trace.duration_s - window_s + 1e-9, window_s)
+    windows = [(float(s), float(s + window_s)) for s in starts]
+    return (
+        [w for w in windows if w[1] <= split],
+        [w for w in windows if w[0] >= split],
+    )
+
+
+@dataclass
+class EpisodeStats:
+    """Totals of one episode, for evaluation tables and training metadata."""
+
+    requests: int
+    late: int = 0
+    generated_tokens: int = 0
+    quality_cost: float = 0.0
+    swapped_layers: int = 0
+    clipped_actions: int = 0
+    ticks: int = 0
+    layer_ticks: int = 0
+    reward: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+
+
+class MorphEnv(gym.Env):
+    """Serving one trace window with a controllable number of int4 layers."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(
+        self,
+        trace: Trace | str = "azure-code",
+        windows: Sequence[Window] | None = None,
+        *,
+        window_s: float = 60.0,
+        time_scale: float = 1.0,
+        length_mapping: LengthMapping | None = None,
+        backend: str | ServingBackend = "simulator",
+        calibration: IterationModel | str | None = None,
+        replica: ReplicaConfig | None = None,
+        quality_table: Sequence[float] | None = None,
+        weights: RewardWeights | None = None,
+        tick_s: float = 0.05,
+        action_mode: str = "delta",
+    ) -> None:
+        """``trace`` is a prepared Trace, or a name/path prepared here with ``length_mapping``
+        (default LengthMapping()) and ``time_scale``. ``windows`` default to all consecutive
+        ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (not wired yet) or an
+        object implementing ``ServingBackend``. ``action_mode``: see the module docstring."""
+        if isinstance(trace, str):
+            trace = prepare_trace(trace, length_mapping or LengthMapping(), time_scale)
+        self.trace = trace
+        self.windows = list(windows) if windows is not None else split_windows(
+            trace, window_s, 1.0
+        )[0]
+        if not self.windows:
+            raise ValueError(f"no {window_s:g}-s window fits trace {trace.name!r}")
+        self.replica = replica or ReplicaConfig()
+        layers = self.replica.num_layers
+        self.quality_table = validate_quality_table(quality_table or DEFAULT_QUALITY_TABLE)
+        if len(self.quality_table) != layers + 1:
+            raise ValueError(
+                f"quality table has {len(self.quality_table)} entries; {layers} layers need "
+                f"{layers + 1} (k = 0..{layers})"
+            )
+        self.weights = weights or RewardWeights()
+        self.tick_s = tick_s
+        self.backend = self._make_backend(backend, calibration)
+        if action_mode not in ("delta", "target"):
+            raise ValueError(f"unknown action_mode {action_mode!r}; accepted: delta, target")
+        self.action_mode = action_mode
+        self.action_space = gym.spaces.Discrete(
+            len(DELTA_ACTIONS) if action_mode == "delta" else layers + 1
+        )
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (OBS_SIZE,), np.float32)
+        self.snapshot: LoadSnapshot | None = None
+        self.window: Window = self.windows[0]
+        self.stats = EpisodeStats(requests=0)
+        self._duration = 0.0
+
+    def _make_backend(
+        self, backend: str | ServingBackend, calibration: IterationModel | str | None
+    ) -> ServingBackend:
+        if not isinstance(backend, str):
+            return backend
+        if backend == "engine":
+            raise NotImplementedError(
+                "the real-engine backend is not wired yet: pass an object implementing "
+                "envs.backend.ServingBackend (reset(window), advance(dt, target_layers)) as "
+                "backend="
+            )
+        if backend != "simulator":
+            raise ValueError(f"unknown backend {backend!r}; accepted: simulator, engine")
+        if not isinstance(calibration, IterationModel):
+            calibration = load_calibration(calibration or DEFAULT_CALIBRATION)
+        return Simulator(calibration, self.replica)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict]:
+        """Start a window: ``options["window"]`` (an index) or a seeded random one."""
+        super().reset(seed=seed)
+        if options and "window" in options:
+            index = int(options["window"])
+        else:
+            index = int(self.np_random.integers(len(self.windows)))
+        self.window = self.windows[index]
+        window = select_window(self.trace, *self.window)
+        self._duration = window.duration_s
+        self.snapshot = self.backend.reset(window)
+        self.stats = EpisodeStats(requests=len(window.requests))
+        return observation_vector(self.snapshot), {"window": self.window}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """One tick with ``action`` (a delta index or a target, per ``action_mode``)."""
+        if self.snapshot is None:
+            raise RuntimeError("call reset() before step()")
+        requested = int(action)
+        if self.action_mode == "delta":
+            requested = self.snapshot.quantized_layers + DELTA_ACTIONS[requested]
+        target, clipped = clip_action(requested, self.snapshot)
+        result = self.backend.advance(self.tick_s, target)
+        terms = tick_terms(
+            result.newly_late, result.generated_tokens, target, result.swapped_layers,
+            self.quality_table,
+        )
+        reward = terms.reward(self.weights)
+        s = self.stats
+        s.late += terms.late
+        s.generated_tokens += result.generated_tokens
+        s.quality_cost += terms.quality
+        s.swapped_layers += terms.swapped
+        s.clipped_actions += clipped
+        s.ticks += 1
+        s.layer_ticks += target
+        s.reward += reward
+        s.ttfts.extend(r.ttft_s for r in result.finished)
+        self.snapshot = result.snapshot
+        truncated = s.ticks * self.tick_s >= self._duration - 1e-9
+        info: dict = {"clipped": clipped, "target": target, "late": terms.late}
+        if truncated:
+            info["morph_episode"] = {
+                "late": s.late, "requests": s.requests, "quality_cost": s.quality_cost,
+                "generated_tokens": s.generated_tokens, "swapped_layers": s.swapped_layers,
+            }
+        return observation_vector(self.snapshot), reward, False, truncated, info

@@ -1,0 +1,285 @@
+"""Discrete-event simulator of one SGLang replica whose KV capacity grows with quantized layers.
+
+Training a controller against the real engine would take hours of wall time per episode; this
+simulator replays a minute of trace in milliseconds while keeping the mechanisms that decide
+TTFT under a burst. It follows SGLang 0.5.23's default scheduler (``event_loop_normal``):
+
+- FCFS waiting queue; each iteration first tries to form a prefill batch of up to
+  ``chunk_size`` prompt tokens (a prompt longer than the remaining budget is chunked and
+  continued next iteration); admission stops at the first request whose whole prompt does not
+  fit in the free KV minus one token per running decode (SGLang's PrefillAdder stops the same way).
+- Without a prefill batch, one decode step of every running request (one new KV token each).
+  When the free KV cannot hold that step, the running request with the fewest output tokens is
+  retracted to the front of the queue and later re-prefilled with its generated tokens, as in
+  SGLang's ``retract_decode``.
+- A request holds its prompt's KV from admission and one more token per decode step; all of
+  it is freed when it finishes. No prefix sharing: trace requests share no tokens, so the radix
+  cache holds nothing evictable here (``kv_evictable_tokens`` is always 0).
+- KV capacity = ``base_capacity_tokens + quantized_layers * tokens_per_layer``.
+- Iteration time from a calibrated ``IterationModel``; a transition stalls the engine for
+  ``swap_s_per_layer`` per layer swapped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from envs.backend import AdvanceResult, RequestRecord
+from envs.calibration import IterationModel
+from eval.traces import Trace, TraceRequest
+from rl_controller.observation import (
+    RATE_WINDOW_S,
+    TRANSITION_WINDOW_S,
+    ArrivalRateMeter,
+    LoadSnapshot,
+)
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """The simulated replica. Defaults: stories260K in fp32 with a 512-token KV budget, the
+    smallest capacity of the measured table in the SGLang notes (1,280 B/token; one layer in
+    int4 frees ~156 KB = 122 tokens)."""
+
+    base_capacity_tokens: int = 512
+    tokens_per_layer: int = 122
+    num_layers: int = 5
+    chunk_size: int = 512
+    ttft_slo_s: float = 0.08
+    """5x the ~16 ms unloaded median TTFT measured on the engine (the notes' SLO)."""
+
+
+class _Req:
+    """Mutable per-request state (slots: the simulator touches these in its inner loop)."""
+
+    __slots__ = ("trace", "prompt", "prefilled", "generated", "kv", "first_token_s", "late")
+
+    def __init__(self, trace: TraceRequest) -> None:
+        self.trace = trace
+        self.prompt = trace.input_tokens  # tokens to prefill (grows when retracted)
+        self.prefilled = 0
+        self.generated = 0
+        self.kv = 0
+        self.first_token_s: float | None = None
+        self.late = False
+
+
+class Simulator:
+    """One replica replaying a trace window; implements ``envs.backend.ServingBackend``."""
+
+    def __init__(self, model: IterationModel, config: ReplicaConfig | None = None) -> None:
+        self.model = model
+        self.config = config or ReplicaConfig()
+        self._reset_state(())
+
+    def _reset_state(self, requests: tuple[TraceRequest, ...]) -> None:
+        self.now = 0.0
+        self._clock = 0.0  # nominal end of the last tick (iterations may overrun it)
+        self._pending = deque(sorted(requests, key=lambda r: r.arrival_s))
+        self._waiting: deque[_Req] = deque()
+        self._queued_tokens = 0
+        self._prefilling: _Req | None = None  # the chunked request, if any
+        self._running: list[_Req] = []
+        self._kv_used = 0
+        self.quantized_layers = 0
+        self._arrivals = ArrivalRateMeter(RATE_WINDOW_S)
+        self._transitions = ArrivalRateMeter(TRANSITION_WINDOW_S)
+        self._last_transition_s = 0.0
+        self.records: list[RequestRecord] = []
+
+    @property
+    def capacity(self) -> int:
+        """Current KV capacity in tokens."""
+        c = self.config
+        return c.base_capacity_tokens + self.quantized_layers * c.tokens_per_layer
+
+    def reset(self, window: Trace) -> LoadSnapshot:
+        """Start ``window`` on an empty replica with every layer in full precision.
+
+        Raises ValueError for a request that could never fit the KV (map lengths first)."""
+        limit = self.config.base_capacity_tokens
+        for r in window.requests:
+            if r.input_tokens + r.output_tokens - 1 > limit or r.output_tokens < 1:
+                raise ValueError(
+                    f"request {r} needs {r.input_tokens + r.output_tokens - 1} KV tokens, more "
+                    f"than the base capacity {limit}; apply a LengthMapping first"
+                )
+        self._reset_state(window.requests)
+        self._enqueue_arrivals()
+        return self.snapshot()
+
+    def advance(self, dt: float, target_layers: int) -> AdvanceResult:
+        """Apply the layer target (stalling for the swap), then run iterations for ``dt``."""
+        c = self.config
+        if not 0 <= target_layers <= c.num_layers:
+            raise ValueError(f"target_layers {target_layers} outside 0..{c.num_layers}")
+        swapped = abs(target_layers - self.quantized_layers)
+        if swapped:
+            new_capacity = c.base_capacity_tokens + target_layers * c.tokens_per_layer
+            if self._kv_used > new_capacity:
+                raise ValueError(
+                    f"unsafe restore to {target_layers} layers: {self._kv_used} KV tokens in use "
+                    f"> capacity {new_capacity} (clip targets with clip_action)"
+                )
+            self.now += self.model.swap_s_per_layer * swapped
+            self.quantized_layers = target_layers
+            self._transitions.record(self.now, swapped)
+            self._last_transition_s = self.now
+        self._clock += dt
+        finished_before, generated, late = len(self.records), 0, 0
+        while True:
+            self._enqueue_arrivals()
+            if self.now >= self._clock:
+                break
+            step_generated, step_late = self._iteration()
+            generated += step_generated
+            late += step_late
+        late += self._mark_waiting_late()
+        return AdvanceResult(
+            snapshot=self.snapshot(),
+            finished=tuple(self.records[finished_before:]),
+            generated_tokens=generated,
+            newly_late=late,
+            swapped_layers=swapped,
+        )
+
+    def _enqueue_arrivals(self) -> None:
+        pending = self._pending
+        while pending and pending[0].arrival_s <= self.now:
+            req = _Req(pending.popleft())
+            self._waiting.append(req)
+            self._queued_tokens += req.prompt
+            self._arrivals.record(req.trace.arrival_s)
+
+    def _iteration(self) -> tuple[int, int]:
+        """One scheduler iteration (or an idle jump); returns (tokens generated, newly late)."""
+        batch = self._form_prefill_batch()
+        if batch:
+            tokens = sum(take for _, take in batch)
+            self.now += self.model.iteration_s(tokens, 0, self.quantized_layers)
+            return self._finish_prefills(batch)
+        if self._running:
+            self._make_room_for_decode()
+            running = self._running
+            self.now += self.model.iteration_s(0, len(running), self.quantized_layers)
+            self._kv_used += len(running)
+            still = []
+            for req in running:
+                req.kv += 1
+                req.generated += 1
+                if req.generated >= req.trace.output_tokens:
+                    self._finish(req)
+                else:
+                    still.append(req)
+            self._running = still
+            return len(running), 0
+        # Idle (or blocked with nothing running, which admission rules out): jump ahead.
+        next_arrival = self._pending[0].arrival_s if self._pending else float("inf")
+        self.now = max(self.now, min(next_arrival, self._clock))
+        return 0, 0
+
+    def _form_prefill_batch(self) -> list[tuple[_Req, int]]:
+        budget = self.config.chunk_size
+        batch: list[tuple[_Req, int]] = []
+        if self._prefilling is not None:
+            req = self._prefilling
+            take = min(budget, req.prompt - req.prefilled)
+            batch.append((req, take))
+            budget -= take
+        reserve = len(self._running)
+        while budget > 0 and self._waiting:
+            req = self._waiting[0]
+            if req.prompt > self.capacity - self._kv_used - reserve:
+                break
+            self._waiting.popleft()
+            self._queued_tokens -= req.prompt
+            req.kv = req.prompt
+            self._kv_used += req.prompt
+            take = min(budget, req.prompt)
+            batch.append((req, take))
+            budget -= take
+        return batch
+
+    def _finish_prefills(self, batch: list[tuple[_Req, int]]) -> tuple[int, int]:
+        self._prefilling = None
+        generated = late = 0
+        for req, take in batch:
+            req.prefilled += take
+            if req.prefilled < req.prompt:
+                self._prefilling = req
+                continue
+            generated += 1
+            req.generated += 1
+            if req.first_token_s is None:
+                req.first_token_s = self.now
+                if not req.late and self.now - req.trace.arrival_s > self.config.ttft_slo_s:
+                    req.late = True
+                    late += 1
+            if req.generated >= req.trace.output_tokens:
+                self._finish(req)
+            else:
+                self._running.append(req)
+        return generated, late
+
+    def _make_room_for_decode(self) -> None:
+        """Retract running requests until one decode step fits (SGLang's retract_decode)."""
+        while self.capacity - self._kv_used < len(self._running):
+            victim = min(self._running, key=lambda r: (r.generated, -r.trace.input_tokens))
+            self._running.remove(victim)
+            self._kv_used -= victim.kv
+            victim.kv = 0
+            victim.prompt = victim.trace.input_tokens + victim.generated
+            victim.prefilled = 0
+            self._waiting.appendleft(victim)
+            self._queued_tokens += victim.prompt
+
+    def _finish(self, req: _Req) -> None:
+        self._kv_used -= req.kv
+        req.kv = 0
+        t = req.trace
+        assert req.first_token_s is not None
+        self.records.append(
+            RequestRecord(
+                t.arrival_s, t.input_tokens, t.output_tokens,
+                req.first_token_s - t.arrival_s, self.now - t.arrival_s,
+            )
+        )
+
+    def _mark_waiting_late(self) -> int:
+        """Count requests still without a first token whose wait passed the SLO."""
+        deadline = self.now - self.config.ttft_slo_s
+        late = 0
+        waiting = list(self._waiting)
+        if self._prefilling is not None:
+            waiting.append(self._prefilling)
+        for req in waiting:
+            if not req.late and req.first_token_s is None and req.trace.arrival_s < deadline:
+                req.late = True
+                late += 1
+        return late
+
+    def snapshot(self) -> LoadSnapshot:
+        """The controller's view of the replica now."""
+        c = self.config
+        waiting = self._waiting
+        oldest = next((r.trace.arrival_s for r in waiting if r.first_token_s is None), self.now)
+        capacity = self.capacity
+        return LoadSnapshot(
+            queue_len=len(waiting),
+            queued_prompt_tokens=self._queued_tokens,
+            head_prefill_tokens=waiting[0].prompt if waiting else 0,
+            running_reqs=len(self._running) + (self._prefilling is not None),
+            kv_capacity_tokens=capacity,
+            kv_used_tokens=self._kv_used,
+            kv_free_tokens=capacity - self._kv_used,
+            kv_evictable_tokens=0,
+            arrival_rate=self._arrivals.rate(self.now),
+            oldest_wait_s=self.now - oldest,
+            ttft_slo_s=c.ttft_slo_s,
+            quantized_layers=self.quantized_layers,
+            num_layers=c.num_layers,
+            tokens_per_layer=c.tokens_per_layer,
+            recent_transitions=self._transitions.count(self.now),
+            seconds_since_transition=self.now - self._last_transition_s,
+        )

@@ -1,0 +1,304 @@
+"""Model quality as layers are quantized one by one: perplexity and KL to full precision.
+
+MorphServe's claim is that swapping the least important layers first costs little quality.
+This measures it on the TinyStories sample (each story on its own, within the 512-token
+context) for k = 0..L quantized layers under three orders: ``lis`` (the profile's greedy
+order), ``last_to_first`` and ``random`` (mean over seeds). k = 0 (nothing quantized) and k = L
+(everything quantized) are the same model in every order, so the curves meet there by
+construction. KL is the mean per-token KL(full precision || quantized) of the next-token
+distributions, which sees changes perplexity can average away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import itertools
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS
+from sglang_morph.data import DEFAULT_MODEL, resolve, resolve_model
+from sglang_morph.hf_model import (
+    ActScales,
+    LayerSwapper,
+    load_model,
+    load_tokenizer,
+    sample_text,
+    search_act_scales,
+    tokenize_stories,
+)
+from sglang_morph.profile import act_scales_from_profile, build_profile, layer_order, load_profile
+
+matplotlib.use("Agg")
+_CONSOLE = Console(stderr=True)
+MAX_LAYERS_ALL_ORDERS = 8
+
+
+class QualityEvaluator:
+    """Perplexity and KL of any per-layer format assignment on the evaluation text."""
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        model_path: str | None = None,
+        group_size: int = 32,
+        quant_method: str = "rtn",
+        profile: dict | None = None,
+    ) -> None:
+        path = resolve_model(model_path)
+        model = load_model(path)
+        self.text = tokenize_stories(resolve("tinystories"), load_tokenizer(path))
+        self._fp_logprobs = [self._logprobs(model, seq) for seq in self.text.sequences]
+        self._awq = quant_method == "awq"
+        self.swapper = LayerSwapper(model, group_size, _profile_scales(profile, group_size))
+        self.num_layers = self.swapper.num_layers
+
+    @staticmethod
+    def _logprobs(model: torch.nn.Module, seq: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(model(seq[None]).logits[0, :-1].float(), dim=-1)
+
+    @torch.no_grad()
+    def evaluate(self, layer_formats: dict[int, str]) -> dict[str, float]:
+        """{"ppl", "kl"} with the given layers quantized (the others full precision)."""
+        if self._awq:
+            self._search_missing_scales(set(layer_formats.values()) & set(QUANTIZED_FORMATS))
+        self.swapper.set_formats(layer_formats)
+        nll, kl, count = 0.0, 0.0, 0
+        for seq, fp in zip(self.text.sequences, self._fp_logprobs, strict=True):
+            logprobs = self._logprobs(self.swapper.model, seq)
+            nll -= logprobs.gather(1, seq[1:, None]).sum().item()
+            kl += (fp.exp() * (fp - logprobs)).sum().item()
+            count += len(seq) - 1
+        self.swapper.set_formats({})
+        return {"ppl": math.exp(nll / count), "kl": kl / count}
+
+    def _search_missing_scales(self, formats: set[str]) -> None:
+        """AWQ scales for formats the profile has none for, searched on the default
+        calibration text (sampled from the model, never the evaluation text)."""
+        missing = sorted(formats - set(self.swapper.act_scales))
+        if missing:
+            model = self.swapper.model  # full precision between evaluations
+            calibration = sample_text(model).sequences
+            for fmt in missing:
+                self.swapper.act_scales[fmt] = search_act_scales(
+                    model, calibration, fmt, self.swapper.group_size
+                )
+
+
+def _profile_scales(profile: dict | None, group_size: int) -> dict[str, ActScales]:
+    """A profile's AWQ scales, keyed by its format, if it has them for this group size."""
+    scales = None if profile is None else act_scales_from_profile(profile)
+    if scales is None or profile.get("group_size") != group_size:
+        return {}
+    return {profile["format"]: scales}
+
+
+@functools.lru_cache(maxsize=4)
+def _evaluator(
+    model_path: str, group_size: int, quant_method: str, profile_json: str | None
+) -> QualityEvaluator:
+    profile = None if profile_json is None else json.loads(profile_json)
+    return QualityEvaluator(model_path, group_size, quant_method, profile)
+
+
+def evaluate_formats(
+    model_path: str,
+    layer_formats: dict[int, str],
+    group_size: int = 32,
+    quant_method: str = "rtn",
+    profile: dict | None = None,
+) -> dict:
+    """{"ppl", "kl"} for an arbitrary per-layer assignment ("fp", "int8" or "int4" per layer).
+
+    The loaded model, reference distributions and AWQ scales are cached across calls with the
+    same model, group size, method and profile.
+    """
+    profile_json = None if profile is None else json.dumps(profile, sort_keys=True)
+    evaluator = _evaluator(resolve_model(model_path), group_size, quant_method, profile_json)
+    return evaluator.evaluate(layer_formats)
+
+
+def _curve(
+    evaluate: Callable[[frozenset[int]], dict[str, float]], order: list[int]
+) -> tuple[list[float], list[float]]:
+    """ppl and kl for k = 0..L layers of ``order`` quantized."""
+    results = [evaluate(frozenset(order[:k])) for k in range(len(order) + 1)]
+    return [r["ppl"] for r in results], [r["kl"] for r in results]
+
+
+def _all_orders_mean(
+    evaluate: Callable[[frozenset[int]], dict[str, float]], layers: int
+) -> dict[str, list[float]] | None:
+    """The exact mean over all L! random orders, free of the seeds' luck; None past 8 layers.
+
+    A uniformly random order's first k layers are a uniformly random k-subset, so the mean
+    over orders at k is the mean over all k-subsets (2^L evaluations in all).
+    """
+    if layers > MAX_LAYERS_ALL_ORDERS:
+        return None
+    out: dict[str, list[float]] = {"ppl": [], "kl": []}
+    for k in range(layers + 1):
+        results = [evaluate(frozenset(c)) for c in itertools.combinations(range(layers), k)]
+        for key in out:
+            out[key].append(sum(r[key] for r in results) / len(results))
+    return out
+
+
+def run_quality(
+    model_path: str | None,
+    fmt: str,
+    group_size: int,
+    quant_method: str,
+    profile: dict,
+    seeds: int,
+) -> dict:
+    """The quality report: ppl and kl curves per order (see the module docstring)."""
+    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile)
+    layers = evaluator.num_layers
+
+    @functools.cache
+    def evaluate(quantized: frozenset[int]) -> dict[str, float]:
+        return evaluator.evaluate({i: fmt for i in quantized})
+
+    lis = layer_order(profile)
+    last_to_first = list(range(layers - 1, -1, -1))
+    random_orders = []
+    for seed in range(seeds):
+        order = list(range(layers))
+        random.Random(seed).shuffle(order)
+        random_orders.append(order)
+    curves = {}
+    named = [("lis", lis), ("last_to_first", last_to_first)]
+    named += [(f"random/{s}", o) for s, o in enumerate(random_orders)]
+    for name, order in track(named, "quality curves", console=_CONSOLE):
+        curves[name] = _curve(evaluate, order)
+    random_ppl = [curves[f"random/{s}"][0] for s in range(seeds)]
+    random_kl = [curves[f"random/{s}"][1] for s in range(seeds)]
+    return {
+        "model": model_path or DEFAULT_MODEL,
+        "format": fmt,
+        "group_size": group_size,
+        "quant_method": quant_method,
+        "text": {
+            "source": evaluator.text.source,
+            "sha256": evaluator.text.sha256,
+            "tokens": evaluator.text.tokens,
+            "sequences": len(evaluator.text.sequences),
+        },
+        "profile": {
+            "sha256": hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest(),
+            "format": profile.get("format"),
+            "quant_method": profile.get("quant_method"),
+            "calibration": profile.get("calibration"),
+        },
+        "orders": {
+            "lis": {"order": lis, "ppl": curves["lis"][0], "kl": curves["lis"][1]},
+            "last_to_first": {
+                "order": last_to_first,
+                "ppl": curves["last_to_first"][0],
+                "kl": curves["last_to_first"][1],
+            },
+            "random": {
+                "seeds": list(range(seeds)),
+                "orders": random_orders,
+                "ppl": [sum(col) / seeds for col in zip(*random_ppl, strict=True)],
+                "kl": [sum(col) / seeds for col in zip(*random_kl, strict=True)],
+                "all_orders": _all_orders_mean(evaluate, layers),
+            },
+        },
+    }
+
+
+def plot_quality(report: dict, path: Path) -> None:
+    """ppl and kl against k, one line per order."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("lis", "o-"), ("last_to_first", "s--"), ("random", "^:")):
+        curve = report["orders"][name]
+        ks = range(len(curve["ppl"]))
+        label = f"{name} (mean of {len(curve['seeds'])} seeds)" if name == "random" else name
+        axes[0].plot(ks, curve["ppl"], style, label=label)
+        axes[1].plot(ks, curve["kl"], style, label=label)
+    exact = report["orders"]["random"]["all_orders"]
+    if exact is not None:
+        for ax, key in zip(axes, ("ppl", "kl"), strict=True):
+            ax.plot(range(len(exact[key])), exact[key], "x-.", label="mean of all orders")
+    title = f"{report['model']} {report['format']} g{report['group_size']} "
+    title += report["quant_method"]
+    for ax, ylabel in zip(axes, ("perplexity", "mean KL(fp || quantized), nats"), strict=True):
+        ax.set_xlabel("quantized layers k")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_table(report: dict) -> None:
+    orders = report["orders"]
+    columns = {"lis": orders["lis"], "l2f": orders["last_to_first"], "rand": orders["random"]}
+    if orders["random"]["all_orders"] is not None:
+        columns["all"] = orders["random"]["all_orders"]
+    table = Table(
+        title=f"{report['format']} {report['quant_method']} g{report['group_size']} "
+        f"(rand: mean of {len(orders['random']['seeds'])} seeds; all: mean of all orders)"
+    )
+    table.add_column("k")
+    for metric in ("ppl", "kl"):
+        for name in columns:
+            table.add_column(f"{name} {metric}")
+    for k in range(len(orders["lis"]["ppl"])):
+        cells = [str(k)]
+        cells += [f"{c['ppl'][k]:.4f}" for c in columns.values()]
+        cells += [f"{c['kl'][k]:.5f}" for c in columns.values()]
+        table.add_row(*cells)
+    Console(width=160).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.quality", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model-path", default=None, help="HF model dir (default: stories260K)")
+    parser.add_argument("--format", default="int4", choices=QUANTIZED_FORMATS)
+    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES)
+    parser.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS)
+    parser.add_argument("--profile", default=None, help="profile JSON (default: compute one)")
+    parser.add_argument("--seeds", type=int, default=5, help="random orders to average")
+    parser.add_argument("--out", required=True, help="report JSON; the plot goes beside it")
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    if args.profile is not None:
+        profile = load_profile(args.profile)
+    else:
+        _CONSOLE.print("no --profile: computing one on the default calibration text")
+        profile = build_profile(args.model_path, args.format, args.group_size, args.quant_method)
+    report = run_quality(
+        args.model_path, args.format, args.group_size, args.quant_method, profile, args.seeds
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    plot_quality(report, out.with_suffix(".png"))
+    _print_table(report)
+    _CONSOLE.print(f"-> {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Writes an evaluation's results: summary.json, report.md, figures and the console table.
+
+Every report states the load it was measured under (window, time scale, length mapping, memory
+budget, SLOs), because on a 260K-parameter CPU model those choices decide the numbers as much
+as the systems do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from eval.replay import RequestRecord
+
+REFERENCE = "fp"
+COLUMNS = (
+    ("completed", "done", "{:d}"),
+    ("failed", "failed", "{:d}"),
+    ("slo_violation_rate", "SLO viol.", "{:.1%}"),
+    ("ttft_p50_s", "TTFT p50 ms", "ms"),
+    ("ttft_p95_s", "TTFT p95 ms", "ms"),
+    ("ttft_p99_s", "TTFT p99 ms", "ms"),
+    ("tpot_p50_s", "TPOT p50 ms", "ms"),
+    ("tpot_p95_s", "TPOT p95 ms", "ms"),
+    ("throughput_tok_s", "tok/s", "{:.1f}"),
+    ("goodput_req_s", "goodput req/s", "{:.2f}"),
+    ("quality_ppl", "PPL", "{:.3f}"),
+    ("quality_kl", "KL", "{:.4f}"),
+    ("transitions", "transitions", "{:d}"),
+    ("kv_capacity_tokens_at_start", "KV tok (start)", "{:d}"),
+)
+
+
+def _cell(value: object, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt == "ms":
+        return f"{1000 * float(value):.0f}"  # type: ignore[arg-type]
+    return fmt.format(value)
+
+
+def comparisons(summary: Mapping) -> dict[str, dict[str, float | None]]:
+    """Each non-fp system against fp: SLO-violation reduction (%) and P95 TTFT speed-up (x)."""
+    systems = summary.get("systems", {})
+    ref = systems.get(REFERENCE)
+    if not ref:
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, row in systems.items():
+        if name == REFERENCE:
+            continue
+        fp_rate, rate = ref.get("slo_violation_rate"), row.get("slo_violation_rate")
+        fp_p95, p95 = ref.get("ttft_p95_s"), row.get("ttft_p95_s")
+        out[name] = {
+            "violation_reduction_pct": (
+                100.0 * (fp_rate - rate) / fp_rate if fp_rate and rate is not None else None
+            ),
+            "p95_ttft_speedup": fp_p95 / p95 if fp_p95 and p95 else None,
+        }
+    return out
+
+
+def conditions(summary: Mapping) -> list[str]:
+    """The stated conditions of the measurement, one line each."""
+    trace, slo, budget = summary["trace"], summary["slo"], summary.get("budget", {})
+    window = trace.get("window")
+    window_text = f"{window[0]:.1f}-{window[1]:.1f} s of the source" if window else "whole trace"
+    mapping = trace.get("length_mapping") or {}
+    lines = [
+        f"Trace: {trace['name']} ({trace.get('source', '?')}), {window_text}, "
+        f"{trace['requests']} requests over {trace.get('duration_s', 0):.1f} s replayed",
+        f"Time scale: {trace['time_scale']:g}x speed-up (arrival times divided by it)",
+        "Length mapping: input = clip(round(ctx / {input_div:g}), {input_min}, {input_max}), "
+        "output = clip(round(gen / {output_div:g}), {output_min}, {output_max})".format(**mapping)
+        if mapping
+        else "Length mapping: none",
+        f"Memory budget: {budget.get('bytes', '?')} bytes for weights + KV "
+        f"({budget.get('how', '')})",
+        f"SLO: TTFT <= {1000 * slo['ttft_s']:.1f} ms and TPOT <= {1000 * slo['tpot_s']:.1f} ms "
+        f"({slo['how']})"
+        if slo
+        else "SLO: not measured (no fp server ran)",
+        f"Repetitions: {summary.get('reps', 1)}",
+    ]
+    if summary.get("interrupted"):
+        lines.append("INTERRUPTED: the results cover only what finished before Ctrl-C")
+    return lines
+
+
+def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
+    """report.md: conditions, the per-system table, morph-vs-fp ratios and figure links."""
+    lines = ["# MorphServe evaluation", ""]
+    lines += [f"- {line}" for line in conditions(summary)]
+    lines += ["", "| system | " + " | ".join(h for _, h, _ in COLUMNS) + " |"]
+    lines.append("|---" * (len(COLUMNS) + 1) + "|")
+    for name, row in summary.get("systems", {}).items():
+        cells = [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ratios = comparisons(summary)
+    if ratios:
+        lines += ["", "Against fp (same budget, same requests):", ""]
+        lines += ["| system | SLO violation reduction | P95 TTFT speed-up |", "|---|---|---|"]
+        for name, r in ratios.items():
+            red, speed = r["violation_reduction_pct"], r["p95_ttft_speedup"]
+            red_text = "-" if red is None else f"{red:+.1f}%"
+            speed_text = "-" if speed is None else f"{speed:.2f}x"
+            lines.append(f"| {name} | {red_text} | {speed_text} |")
+    notes = summary.get("notes") or []
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    if figures:
+        lines += [""] + [f"![{f.removesuffix('.png')}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: Path, summary: Mapping) -> None:
+    """summary.json and report.md (figures are linked when already present)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figures = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png"))
+    (out_dir / "report.md").write_text(markdown(summary, figures))
+
+
+def write_records(path: Path, rows: Sequence[Mapping]) -> None:
+    """One JSON object per line (requests.jsonl, timeline.jsonl)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def plot_ttft_cdf(
+    path: Path, records: Mapping[str, Sequence[RequestRecord]], slo_ttft_s: float | None = None
+) -> None:
+    """One TTFT CDF per system on shared log-scaled axes, with the TTFT SLO as a dashed line
+    (failed requests are left out, so a curve that stops below 1.0 shows the failed fraction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, recs in records.items():
+        ttfts = np.sort([r.ttft_s for r in recs if r.ok and r.ttft_s is not None])
+        if len(ttfts) == 0:
+            continue
+        ax.step(ttfts, np.arange(1, len(ttfts) + 1) / len(recs), where="post", label=name)
+    if slo_ttft_s is not None:
+        ax.axvline(slo_ttft_s, color="black", linestyle="--", linewidth=1, label="TTFT SLO")
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_timeline(
+    path: Path, title: str, records: Sequence[RequestRecord], timeline: Sequence[Mapping]
+) -> None:
+    """Load (arrivals/s), queue and running requests, quantized layers, and KV capacity/use over
+    the replay: shows whether the system quantized when the burst came and returned after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(4, 1, figsize=(8, 8), sharex=True)
+    arrivals = [r.arrival_s for r in records]
+    end = max([row["t"] for row in timeline] + arrivals + [1.0])
+    bins = np.arange(0.0, end + 1.0, 1.0)
+    axes[0].hist(arrivals, bins=bins, color="tab:gray")
+    axes[0].set_ylabel("arrivals/s")
+    t = [row["t"] for row in timeline]
+
+    def series(key: str) -> list[float]:
+        return [row.get(key) if row.get(key) is not None else np.nan for row in timeline]
+
+    axes[1].step(t, series("queue_len"), where="post", label="queued")
+    axes[1].step(t, series("running_reqs"), where="post", label="running")
+    axes[1].set_ylabel("requests")
+    axes[1].legend(loc="upper right")
+    axes[2].step(t, series("quantized_layers"), where="post", color="tab:red")
+    axes[2].set_ylabel("quantized layers")
+    axes[3].step(t, series("kv_capacity_tokens"), where="post", label="capacity")
+    axes[3].step(t, series("kv_used_tokens"), where="post", label="used")
+    axes[3].set_ylabel("KV tokens")
+    axes[3].set_xlabel("time since replay start (s)")
+    axes[3].legend(loc="upper right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(summary: Mapping, console: Console | None = None) -> None:
+    """The summary table and the morph-vs-fp ratios on the console."""
+    console = console or Console()
+    if not console.is_terminal:  # a pipe or file gets 80 columns, too narrow for the table
+        console.width = max(console.width, 180)
+    for line in conditions(summary):
+        console.print(line)
+    table = Table(title="per-system results")
+    table.add_column("system")
+    for _, header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for name, row in summary.get("systems", {}).items():
+        table.add_row(name, *(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS))
+    console.print(table)
+    for name, r in comparisons(summary).items():
+        red, speed = r["violation_reduction_pct"], r["p95_ttft_speedup"]
+        console.print(
+            f"{name} vs fp: SLO violations "
+            + ("-" if red is None else f"{red:+.1f}% reduction")
+            + ", P95 TTFT "
+            + ("-" if speed is None else f"{speed:.2f}x speed-up")
+        )

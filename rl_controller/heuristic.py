@@ -1,0 +1,104 @@
+"""MorphServe's rule-based controller, with hysteresis so that it never chatters.
+
+The paper's rule: quantize when the prefill at the head of the queue, or the running decodes,
+do not fit in the free plus evictable KV; restore when the queue is empty and the KV segment a
+restore would take back is unused. Taken literally it flips every time one request finishes, so
+this version adds (1) a wait gate: memory pressure only counts once the head request has waited
+a fraction of the TTFT SLO, and "queue empty" means no request has waited that long; (2) a
+restore margin: the segment must be unused, with the head's prompt and room to spare; (3) an
+idle time before restoring and (4) a minimum dwell time between a transition and a transition
+in the other direction (or any restore). Escalating during a burst is not delayed.
+"""
+
+from __future__ import annotations
+
+import math
+
+from rl_controller.observation import LoadSnapshot
+
+
+class HeuristicPolicy:
+    """Memory-pressure rule with hysteresis; O(1) arithmetic per decision (microseconds)."""
+
+    name = "heuristic"
+
+    def __init__(
+        self,
+        *,
+        dwell_s: float = 2.0,
+        restore_idle_s: float = 3.0,
+        step: int = 1,
+        restore_margin: float = 0.5,
+        decode_lookahead: int = 4,
+        wait_frac: float = 0.25,
+    ) -> None:
+        """
+        dwell_s: least time after a transition before a restore, or before quantizing again
+            right after a restore.
+        restore_idle_s: how long the queue must have been empty with the segment unused.
+        step: fewest layers quantized at once under pressure (more when the deficit needs it);
+            restores always go one layer at a time.
+        restore_margin: spare KV, in units of ``tokens_per_layer``, that must remain after a
+            restore.
+        decode_lookahead: KV tokens reserved per running request when judging whether the
+            running decodes fit (one per step, a few steps ahead).
+        wait_frac: the head request must have waited this fraction of the TTFT SLO before a
+            memory shortfall counts as pressure; momentary shortfalls resolve as requests finish.
+        """
+        if step < 1:
+            raise ValueError(f"step must be >= 1, got {step}")
+        self.dwell_s = dwell_s
+        self.restore_idle_s = restore_idle_s
+        self.step = step
+        self.restore_margin = restore_margin
+        self.decode_lookahead = decode_lookahead
+        self.wait_frac = wait_frac
+        self._prev_since: float | None = None
+        self._prev_layers: int | None = None
+        self._last_direction = 0
+        self._calm_s = 0.0
+
+    def _elapsed(self, snap: LoadSnapshot) -> float:
+        """Seconds since the previous call. The snapshot carries no clock, but
+        ``seconds_since_transition`` advances with time and restarts at each transition, so its
+        increments are elapsed time in any clock (wall or simulated)."""
+        since, prev = snap.seconds_since_transition, self._prev_since
+        self._prev_since = since
+        if prev is None or not math.isfinite(since) or not math.isfinite(prev):
+            return 0.0
+        return since - prev if since >= prev else since
+
+    def decide(self, snap: LoadSnapshot) -> int:
+        """Target layer count for this tick (see the module docstring for the rule)."""
+        elapsed = self._elapsed(snap)
+        k = snap.quantized_layers
+        if self._prev_layers is not None and k != self._prev_layers:
+            self._last_direction = 1 if k > self._prev_layers else -1
+        self._prev_layers = k
+        tpl = max(1, snap.tokens_per_layer)
+        since = snap.seconds_since_transition
+
+        reclaimable = snap.kv_free_tokens + snap.kv_evictable_tokens
+        head = snap.head_prefill_tokens if snap.queue_len > 0 else 0
+        deficit = head + snap.running_reqs * self.decode_lookahead - reclaimable
+        waited = snap.queue_len > 0 and snap.oldest_wait_s >= self.wait_frac * snap.ttft_slo_s
+        decodes_short = snap.running_reqs > reclaimable
+        if deficit > 0 and (waited or decodes_short):
+            self._calm_s = 0.0
+            if k >= snap.num_layers or (self._last_direction < 0 and since < self.dwell_s):
+                return k
+            return min(snap.num_layers, k + max(self.step, math.ceil(deficit / tpl)))
+
+        # Restorable when no request waits long and the head would still fit after giving
+        # the segment back, with margin. (A literal "queue empty" never holds under steady
+        # load: a request that arrived a moment ago is always there at some ticks.)
+        segment_unused = snap.kv_used_tokens + head + self.restore_margin * tpl <= (
+            snap.kv_capacity_tokens - tpl
+        )
+        if waited or not segment_unused:
+            self._calm_s = 0.0
+            return k
+        self._calm_s += elapsed
+        if k > 0 and self._calm_s >= self.restore_idle_s and since >= self.dwell_s:
+            return k - 1
+        return k

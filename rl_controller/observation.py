@@ -1,0 +1,163 @@
+"""The controller's view of the server: one snapshot type and one way to turn it into features.
+
+The runtime (live SGLang scheduler), the simulator and training all build ``LoadSnapshot`` and
+call ``observation_vector``; a policy trained in the simulator therefore sees exactly the
+features the runtime will feed it. Any change to the features must bump ``OBS_VERSION``: RL
+checkpoints record the version they were trained with and are refused on a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+OBS_VERSION: int = 1
+
+RATE_WINDOW_S = 5.0
+"""Window of ``arrival_rate``: long enough to smooth single arrivals, short enough to see a
+burst start within a couple of controller ticks."""
+
+TRANSITION_WINDOW_S = 10.0
+"""Window of ``recent_transitions``: how far back the controller is reminded of its own churn."""
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """Load and memory state of one replica at a controller tick (a quiescent scheduler point).
+
+    KV accounting: ``kv_used_tokens`` are held by requests (running, prefilling, locked cache);
+    ``kv_evictable_tokens`` are cached prefixes nobody holds; ``kv_free_tokens`` are unallocated.
+    Their sum is ``kv_capacity_tokens``, the current usable capacity including the tokens freed
+    by the ``quantized_layers`` int4 layers.
+    """
+
+    queue_len: int
+    queued_prompt_tokens: int
+    head_prefill_tokens: int
+    running_reqs: int
+    kv_capacity_tokens: int
+    kv_used_tokens: int
+    kv_free_tokens: int
+    kv_evictable_tokens: int
+    arrival_rate: float
+    oldest_wait_s: float
+    ttft_slo_s: float
+    quantized_layers: int
+    num_layers: int
+    tokens_per_layer: int
+    recent_transitions: int
+    seconds_since_transition: float
+
+
+# Scales of the saturating features x / (x + scale): 0.5 at ``scale``, 0.9 at 9 * scale. Chosen
+# around stories260K's operating point (a few running requests, bursts of ~10 req/s), where a
+# linear clip would saturate and hide the difference between a queue of 20 and one of 100.
+_QUEUE_SCALE = 16.0
+_RUNNING_SCALE = 16.0
+_RATE_SCALE = 8.0
+_TRANSITIONS_SCALE = 4.0
+_SINCE_TRANSITION_SCALE = 10.0
+_WAIT_SLO_MULTIPLES = 4.0
+
+FEATURES: tuple[str, ...] = (
+    "queue_len: q / (q + 16)",
+    "queued_prompt_tokens / kv_capacity: r / (r + 1)",
+    "head_prefill_tokens / kv_capacity, clipped to 1",
+    "head fits: 1 if head_prefill_tokens <= free + evictable else 0",
+    "running_reqs: r / (r + 16)",
+    "kv_used / kv_capacity",
+    "kv_free / kv_capacity",
+    "kv_evictable / kv_capacity",
+    "arrival_rate (req/s): a / (a + 8)",
+    "oldest_wait / ttft_slo, divided by 4 and clipped to 1 (0.25 = at the SLO)",
+    "quantized_layers / num_layers",
+    "restorable: tokens_per_layer * quantized_layers / kv_capacity, clipped to 1",
+    "one restore is safe: 1 if kv_used <= kv_capacity - tokens_per_layer and quantized_layers > 0",
+    "recent_transitions: t / (t + 4)",
+    "seconds_since_transition: s / (s + 10)",
+)
+"""Feature i of ``observation_vector``: what it is and how it is scaled into [0, 1]."""
+
+OBS_SIZE: int = len(FEATURES)
+
+
+def _saturate(x: float, scale: float) -> float:
+    """x / (x + scale) for x >= 0; NaN -> 0, +inf -> 1."""
+    if not x > 0:  # also catches NaN
+        return 0.0
+    return 1.0 if math.isinf(x) else x / (x + scale)
+
+
+def _ratio(x: float, denominator: float) -> float:
+    """x / denominator clipped to [0, 1]; NaN -> 0."""
+    if not denominator > 0 or not x > 0:
+        return 0.0
+    return min(1.0, x / denominator)
+
+
+def observation_vector(s: LoadSnapshot) -> np.ndarray:
+    """Features of ``s`` (see ``FEATURES``), float32 of shape ``(OBS_SIZE,)`` in [0, 1].
+
+    Token counts are relative to the current capacity so that a policy does not depend on the
+    absolute KV size of the replica it was trained on. Non-finite inputs (a runtime bug) become
+    0 or 1 rather than NaN, so a bad snapshot cannot poison the network's output.
+    """
+    cap = float(s.kv_capacity_tokens)
+    reclaimable = s.kv_free_tokens + s.kv_evictable_tokens
+    queued = s.queued_prompt_tokens / cap if cap > 0 else 0.0
+    layers = max(1, s.num_layers)
+    restore_safe = s.quantized_layers > 0 and s.kv_used_tokens <= cap - s.tokens_per_layer
+    wait_multiple = s.oldest_wait_s / s.ttft_slo_s if s.ttft_slo_s > 0 else 0.0
+    values = (
+        _saturate(s.queue_len, _QUEUE_SCALE),
+        _saturate(queued, 1.0),
+        _ratio(s.head_prefill_tokens, cap),
+        float(s.head_prefill_tokens <= reclaimable),
+        _saturate(s.running_reqs, _RUNNING_SCALE),
+        _ratio(s.kv_used_tokens, cap),
+        _ratio(s.kv_free_tokens, cap),
+        _ratio(s.kv_evictable_tokens, cap),
+        _saturate(s.arrival_rate, _RATE_SCALE),
+        _ratio(wait_multiple, _WAIT_SLO_MULTIPLES),
+        _ratio(s.quantized_layers, layers),
+        _ratio(s.tokens_per_layer * s.quantized_layers, cap),
+        float(restore_safe),
+        _saturate(s.recent_transitions, _TRANSITIONS_SCALE),
+        _saturate(s.seconds_since_transition, _SINCE_TRANSITION_SCALE),
+    )
+    return np.array(values, dtype=np.float32)
+
+
+class ArrivalRateMeter:
+    """Counts events (request arrivals, or layer transitions) in a sliding time window.
+
+    Shared by the runtime and the simulator so that ``arrival_rate`` and ``recent_transitions``
+    mean the same thing in training and in serving. Timestamps are seconds on any monotonic
+    clock (wall clock in the runtime, simulated time in the simulator) and must not decrease.
+    """
+
+    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s must be positive, got {window_s}")
+        self.window_s = window_s
+        self._events: deque[float] = deque()
+
+    def record(self, t: float, n: int = 1) -> None:
+        """Note ``n`` events at time ``t``."""
+        self._events.extend([t] * n)
+
+    def count(self, now: float) -> int:
+        """Events in ``(now - window_s, now]``; older ones are forgotten."""
+        cutoff = now - self.window_s
+        events = self._events
+        while events and events[0] <= cutoff:
+            events.popleft()
+        return len(events)
+
+    def rate(self, now: float) -> float:
+        """Events per second over the window (divided by the full window even at start-up, so
+        the first seconds read low rather than spiking on the first arrival)."""
+        return self.count(now) / self.window_s

@@ -1,0 +1,269 @@
+"""Train the morph controller with PPO in the simulator (CleanRL style: one file, top to bottom).
+
+    python -m rl_controller.train --trace azure-code --timesteps 200000 \\
+        --out checkpoints/morph-ppo.zip --seed 1 --n-envs 4 --window-s 60 --time-scale 1
+
+The trace is cut into consecutive windows; windows in the first ``--train-frac`` of it train, the
+rest are held out and only used for the final evaluation. Writes NAME.zip (SB3 PPO), NAME.json
+(everything needed to rebuild the environment and check compatibility, plus the held-out
+results) and NAME.png (training curve).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import gymnasium
+import numpy as np
+import stable_baselines3
+import torch
+from matplotlib.figure import Figure
+from rich.console import Console
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.vec_env import DummyVecEnv
+from tqdm import TqdmExperimentalWarning
+
+from envs.calibration import DEFAULT_CALIBRATION, load_calibration
+from envs.morph_env import MorphEnv, prepare_trace, split_windows
+from envs.reward import DEFAULT_QUALITY_TABLE, RewardWeights, load_quality_table
+from envs.simulator import ReplicaConfig
+from eval.traces import LengthMapping
+from rl_controller.evaluate import (
+    env_from_metadata,
+    evaluate_policies,
+    print_results,
+    standard_policies,
+)
+from rl_controller.heuristic import HeuristicPolicy
+from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
+from rl_controller.policy import DELTA_ACTIONS
+
+
+def _arg(default: object, text: str) -> Any:
+    """A dataclass field carrying its --help text."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class Args:
+    trace: str = _arg("azure-code", "trace name or file (eval.traces.load_trace)")
+    timesteps: int = _arg(200_000, "controller ticks of PPO experience (after cloning)")
+    out: str = _arg("checkpoints/morph-ppo.zip", "checkpoint path; .json and .png go beside it")
+    seed: int = _arg(1, "seed of PPO, the networks and the window choice")
+    n_envs: int = _arg(4, "simulator environments stepped together")
+    window_s: float = _arg(60.0, "episode length: one window of the trace")
+    time_scale: float = _arg(1.0, "trace speed-up (eval.traces.scale_time); 1 = real time")
+    train_frac: float = _arg(0.7, "windows inside this leading fraction of the trace train")
+    tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)")
+    calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
+    quality: str = _arg("", "quality-by-k JSON (envs.reward); empty = documented default")
+    slo_weight: float = _arg(RewardWeights.slo, "reward cost of one SLO violation")
+    quality_weight: float = _arg(RewardWeights.quality, "cost of a token at quality delta 1")
+    transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
+    learning_rate: float = _arg(3e-4, "Adam step size")
+    bc_epochs: int = _arg(30, "epochs of behaviour cloning of the heuristic (0 = none)")
+    bc_learning_rate: float = _arg(1e-3, "Adam step size of the cloning")
+    n_steps: int = _arg(512, "rollout ticks per environment between updates")
+    batch_size: int = _arg(256, "minibatch size")
+    n_epochs: int = _arg(10, "passes over each rollout")
+    gamma: float = _arg(0.99, "discount: ~100-tick (5 s) horizon, enough to see a queue drain")
+    gae_lambda: float = _arg(0.95, "GAE lambda")
+    ent_coef: float = _arg(0.01, "entropy bonus")
+    hidden: int = _arg(64, "width of the two hidden layers (actor and critic)")
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(prog="python -m rl_controller.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(f.default), default=f.default,
+                            help=f"{f.metadata['help']} (default: %(default)s)")
+    return Args(**vars(parser.parse_args(argv)))
+
+
+class EpisodeLog(BaseCallback):
+    """Collects each finished episode's return, SLO violations and quality cost."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            if "episode" in info and "morph_episode" in info:
+                self.rows.append(
+                    {"timestep": self.num_timesteps, "return": float(info["episode"]["r"]),
+                     **info["morph_episode"]}
+                )
+        return True
+
+
+def heuristic_demonstration(env: MorphEnv, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Observations and delta actions (index into DELTA_ACTIONS) of the heuristic on a window,
+    moving one layer per tick toward its target as the delta action space allows."""
+    obs, _ = env.reset(options={"window": window})
+    policy, observations, actions, done = HeuristicPolicy(), [], [], False
+    while not done:
+        assert env.snapshot is not None
+        step = np.sign(policy.decide(env.snapshot) - env.snapshot.quantized_layers)
+        action = DELTA_ACTIONS.index(int(step))
+        observations.append(obs)
+        actions.append(action)
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+    return np.array(observations), np.array(actions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # One thread: the network is tiny, and torch's thread pool on 2 busy cores costs 10x.
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
+    console = Console()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # Environment: the trace as the model sees it, split into train / held-out windows.
+    mapping = LengthMapping()
+    trace = prepare_trace(args.trace, mapping, args.time_scale)
+    train_windows, eval_windows = split_windows(trace, args.window_s, args.train_frac)
+    calibration = load_calibration(args.calibration)
+    quality = load_quality_table(args.quality) if args.quality else DEFAULT_QUALITY_TABLE
+    replica = ReplicaConfig()
+    weights = RewardWeights(args.slo_weight, args.quality_weight, args.transition_weight)
+    console.print(f"{trace.name}: {len(train_windows)} training windows, {len(eval_windows)} "
+                  f"held out, time scale {args.time_scale:g}; calibration: {calibration.source}")
+
+    def make_env() -> MorphEnv:
+        return MorphEnv(trace, train_windows, calibration=calibration, replica=replica,
+                        quality_table=quality, weights=weights, tick_s=args.tick_s)
+
+    envs = DummyVecEnv([lambda: Monitor(make_env())] * args.n_envs)
+
+    # Agent: PPO with a small MLP (the decision must cost microseconds in the scheduler).
+    model = PPO(
+        "MlpPolicy", envs, learning_rate=args.learning_rate, n_steps=args.n_steps,
+        batch_size=args.batch_size, n_epochs=args.n_epochs, gamma=args.gamma,
+        gae_lambda=args.gae_lambda, ent_coef=args.ent_coef, seed=args.seed, device="cpu",
+        policy_kwargs={"net_arch": [args.hidden, args.hidden]}, verbose=0,
+    )
+    # Warm start: clone the heuristic (one layer per tick toward its target) before PPO. From a
+    # random policy, PPO settles on a constant layer count (every exploratory move pays a swap
+    # and the benefit shows up only later); from the heuristic it refines timing instead.
+    start = time.time()
+    demo_env = make_env()
+    demos = [heuristic_demonstration(demo_env, i) for i in range(len(train_windows))]
+    demo_obs = torch.as_tensor(np.concatenate([o for o, _ in demos]))
+    demo_actions = torch.as_tensor(np.concatenate([a for _, a in demos]))
+    optimizer = torch.optim.Adam(model.policy.parameters(), lr=args.bc_learning_rate)
+    for _ in range(args.bc_epochs):
+        for batch in torch.randperm(len(demo_actions)).split(512):
+            dist = model.policy.get_distribution(demo_obs[batch])
+            loss = torch.nn.functional.cross_entropy(dist.distribution.logits, demo_actions[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        cloned = model.policy.get_distribution(demo_obs).distribution.logits.argmax(1)
+    moves = demo_actions != DELTA_ACTIONS.index(0)
+    warm_start = {
+        "bc_epochs": args.bc_epochs,
+        "demonstration_ticks": len(demo_actions),
+        "demonstration_moves": int(moves.sum()),
+        "agreement": float((cloned == demo_actions).float().mean()),
+        "move_agreement": float((cloned[moves] == demo_actions[moves]).float().mean()),
+    }
+    console.print(f"behaviour cloning of the heuristic: {warm_start}")
+
+    log = EpisodeLog()
+    model.learn(total_timesteps=args.timesteps, callback=log, progress_bar=True)
+    train_s = time.time() - start
+    model.save(out)
+
+    # Metadata first (RLPolicy.load checks it), then the held-out evaluation is added to it.
+    meta = {
+        "obs_version": OBS_VERSION,
+        "obs_size": OBS_SIZE,
+        "features": list(FEATURES),
+        "action_mode": "delta",
+        "action_space": f"Discrete({len(DELTA_ACTIONS)}): change of the int4 layer count by "
+        f"{list(DELTA_ACTIONS)}",
+        "num_layers": replica.num_layers,
+        "trace": args.trace,
+        "time_scale": args.time_scale,
+        "length_mapping": asdict(mapping),
+        "window_s": args.window_s,
+        "train_frac": args.train_frac,
+        "train_windows": train_windows,
+        "eval_windows": eval_windows,
+        "tick_s": args.tick_s,
+        "replica": asdict(replica),
+        "calibration": asdict(calibration),
+        "quality_table": list(quality),
+        "quality_source": args.quality or "envs.reward.DEFAULT_QUALITY_TABLE",
+        "reward_weights": asdict(weights),
+        "args": asdict(args),
+        "timesteps": model.num_timesteps,
+        "seed": args.seed,
+        "warm_start": warm_start,
+        "train_seconds": round(train_s, 1),
+        "versions": {
+            "stable_baselines3": stable_baselines3.__version__,
+            "gymnasium": gymnasium.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+    }
+    meta_path = out.with_suffix(".json")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    eval_env = env_from_metadata(meta)
+    results = evaluate_policies(eval_env, standard_policies(str(out)))
+    print_results(results, f"held-out windows ({len(eval_windows)} x {args.window_s:g} s)",
+                  console)
+    meta["eval"] = [
+        {**asdict(r), "violation_rate": r.violation_rate, "quality_per_token": r.quality_per_token}
+        for r in results
+    ]
+    meta["episodes"] = len(log.rows)
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    # Training curve: per-episode values are noisy (windows differ in load), so a rolling mean.
+    steps = np.array([r["timestep"] for r in log.rows])
+    series = {
+        "episode return": np.array([r["return"] for r in log.rows]),
+        "SLO violation rate": np.array([r["late"] / max(r["requests"], 1) for r in log.rows]),
+        "quality cost / token": np.array(
+            [r["quality_cost"] / max(r["generated_tokens"], 1) for r in log.rows]
+        ),
+    }
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
+    k = max(1, len(log.rows) // 25)
+    for ax, (label, y) in zip(axes, series.items(), strict=True):
+        ax.plot(steps, y, ".", alpha=0.2, markersize=3)
+        if len(y) >= k:
+            ax.plot(steps[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), lw=2)
+        ax.set_xlabel("timesteps (controller ticks)")
+        ax.set_title(label)
+    fig.suptitle(f"PPO on {args.trace} training windows (time scale {args.time_scale:g}, "
+                 f"seed {args.seed}); rolling mean of {k} episodes")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    console.print(f"wrote {out}, {meta_path}, {out.with_suffix('.png')} "
+                  f"({model.num_timesteps} steps in {train_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""The offline layer profile on stories260K, calibrated on a short fixed text to stay fast."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sglang_morph.hf_model import SGLANG_LINEAR_GROUPS
+from sglang_morph.profile import (
+    act_scales_from_profile,
+    build_profile,
+    layer_order,
+    load_profile,
+    main,
+)
+
+CALIBRATION = """Tom had a red kite. He ran in the park and the kite went up high. His sister Mia
+clapped her hands. "Can I try?" she asked. Tom gave her the string and smiled.
+<|endoftext|>
+A little cat sat by the window. It was raining and the cat was sad. Then the sun came out and
+a rainbow filled the sky. The cat jumped down and ran outside to play in the warm grass.
+<|endoftext|>"""
+
+FAST = {"token_counts": (1, 8), "latency_repeats": 2, "progress": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the model is tiny, so a second thread only adds synchronisation,
+    and on a loaded machine OpenMP's spin-waits make it several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calibration.txt"
+    path.write_text(CALIBRATION)
+    return path
+
+
+@pytest.fixture(scope="module")
+def profile(calibration: Path) -> dict:
+    return build_profile(None, "int4", 32, "rtn", calibration, **FAST)
+
+
+def test_profile_is_deterministic_for_a_calibration_text(profile: dict, calibration: Path) -> None:
+    again = build_profile(None, "int4", 32, "rtn", calibration, **FAST)
+    assert again["layer_order"] == profile["layer_order"]
+    assert again["greedy"] == profile["greedy"]
+    assert [layer["quant_output_cosine"] for layer in again["layers"]] == [
+        layer["quant_output_cosine"] for layer in profile["layers"]
+    ]
+
+
+def test_profile_fields(profile: dict, calibration: Path) -> None:
+    layers = profile["num_layers"]
+    assert layers == 5 and len(profile["layers"]) == layers
+    assert sorted(layer_order(profile)) == list(range(layers))
+    assert profile["calibration"]["sha256"] == hashlib.sha256(calibration.read_bytes()).hexdigest()
+    assert 0 < profile["calibration"]["tokens"] < 200
+    assert "act_scales" not in profile
+    for entry in profile["layers"]:
+        assert -1 <= entry["io_cosine"] < 1
+        assert 0.9 < entry["quant_output_cosine"] < 1  # int4 perturbs, but only a little
+        # stories260K layer: qkv 128x64, o 64x64, gate_up 344x64, down 64x172, float32.
+        params = 128 * 64 + 64 * 64 + 344 * 64 + 64 * 172
+        assert entry["bytes"]["fp"] == 4 * params
+        assert entry["bytes"]["int4"] < entry["bytes"]["int8"] < entry["bytes"]["fp"] / 3
+        for fmt in ("fp", "int8", "int4"):
+            assert set(entry["latency_s"][fmt]) == {"1", "8"}
+            assert all(t > 0 for t in entry["latency_s"][fmt].values())
+    greedy = profile["greedy"]
+    assert [g["step"] for g in greedy] == list(range(1, layers + 1))
+    assert [g["layer"] for g in greedy] == layer_order(profile)
+    # Quantizing more layers moves the final hidden state further from full precision.
+    cosines = [g["final_hidden_cosine"] for g in greedy]
+    assert cosines[0] < 1 and cosines[-1] < cosines[0]
+
+
+def test_awq_profile_carries_scales_per_sglang_linear(calibration: Path) -> None:
+    profile = build_profile(None, "int4", 32, "awq", calibration, **FAST)
+    scales = act_scales_from_profile(profile)
+    assert set(scales) == set(range(5))
+    widths = {"qkv_proj": 64, "o_proj": 64, "gate_up_proj": 64, "down_proj": 172}
+    for groups in scales.values():
+        assert set(groups) == set(SGLANG_LINEAR_GROUPS)
+        for group, scale in groups.items():
+            assert scale.shape == (widths[group],) and (scale > 0).all()
+    # The AWQ input scale is stored with the quantized copy: 4 bytes per input channel.
+    rtn = build_profile(None, "int4", 32, "rtn", calibration, **FAST)
+    extra = 4 * sum(widths.values())
+    assert profile["layers"][0]["bytes"]["int4"] == rtn["layers"][0]["bytes"]["int4"] + extra
+    assert not torch.equal(scales[0]["down_proj"], torch.ones(172))
+
+
+def test_cli_writes_a_loadable_profile(calibration: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.json"
+    main(["--format", "int8", "--calibration", str(calibration), "--out", str(out)])
+    loaded = load_profile(out)
+    assert loaded["format"] == "int8" and loaded["quant_method"] == "rtn"
+    assert set(loaded["layers"][0]["latency_s"]["int8"]) == {"1", "8", "32", "128"}
+    broken = dict(loaded, layer_order=[0, 0, 1, 2, 3])
+    (tmp_path / "bad.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="permutation"):
+        load_profile(tmp_path / "bad.json")

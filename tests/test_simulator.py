@@ -1,0 +1,99 @@
+"""The simulator against hand-computed schedules (closed-form TTFT and end-to-end times)."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs.calibration import IterationModel
+from envs.simulator import ReplicaConfig, Simulator
+from eval.traces import Trace, TraceRequest
+
+BASE, PER_TOKEN, PER_DECODE, PER_LAYER, SWAP = 0.005, 1e-4, 1e-3, 5e-4, 0.01
+MODEL = IterationModel(BASE, PER_TOKEN, PER_DECODE, PER_LAYER, SWAP, source="test")
+
+
+def window(*requests: tuple[float, int, int], span: float = 10.0) -> Trace:
+    return Trace("synthetic", tuple(TraceRequest(*r) for r in requests), {"span_s": span})
+
+
+def run(sim: Simulator, trace: Trace, target: int = 0, ticks: int = 40, dt: float = 0.25):
+    sim.reset(trace)
+    results = [sim.advance(dt, target) for _ in range(ticks)]
+    return results
+
+
+def test_single_request_closed_form() -> None:
+    sim = Simulator(MODEL)
+    run(sim, window((0.1, 100, 5)))
+    (rec,) = sim.records
+    prefill = BASE + 100 * PER_TOKEN
+    decode = BASE + PER_DECODE
+    assert rec.ttft_s == pytest.approx(prefill, abs=1e-12)
+    assert rec.e2e_s == pytest.approx(prefill + 4 * decode, abs=1e-12)
+    assert rec.tpot_s == pytest.approx(decode, abs=1e-12)
+
+
+def test_chunked_prefill_closed_form() -> None:
+    sim = Simulator(MODEL, ReplicaConfig(chunk_size=128))
+    run(sim, window((0.0, 300, 1)))
+    (rec,) = sim.records
+    assert rec.ttft_s == pytest.approx(3 * BASE + 300 * PER_TOKEN, abs=1e-12)
+    assert rec.e2e_s == rec.ttft_s
+
+
+def test_kv_capacity_serialises_requests() -> None:
+    sim = Simulator(MODEL)  # 512 tokens: two 300-token prompts cannot be resident together
+    run(sim, window((0.0, 300, 2), (0.0, 300, 2)))
+    first, second = sim.records
+    prefill, decode = BASE + 300 * PER_TOKEN, BASE + PER_DECODE
+    assert first.ttft_s == pytest.approx(prefill)
+    assert first.e2e_s == pytest.approx(prefill + decode)
+    assert second.ttft_s == pytest.approx(2 * prefill + decode)
+
+
+def test_quantized_layers_add_capacity_and_cost() -> None:
+    sim = Simulator(MODEL, ReplicaConfig(chunk_size=1024))  # 2 layers: 512 + 244 >= 600
+    results = run(sim, window((0.1, 300, 1), (0.1, 300, 1)), target=2)
+    assert results[0].swapped_layers == 2 and results[1].swapped_layers == 0
+    ttft = BASE + 600 * PER_TOKEN + 2 * PER_LAYER  # one batch; the swap stall ends before 0.1
+    assert [r.ttft_s for r in sim.records] == pytest.approx([ttft, ttft])
+
+
+def test_swap_stall_delays_requests() -> None:
+    sim = Simulator(MODEL)
+    sim.reset(window((0.0, 100, 1)))
+    sim.advance(0.25, 5)
+    (rec,) = sim.records
+    assert rec.ttft_s == pytest.approx(5 * SWAP + BASE + 100 * PER_TOKEN + 5 * PER_LAYER)
+
+
+def test_unsafe_restore_is_refused() -> None:
+    sim = Simulator(MODEL)
+    sim.reset(window((0.0, 300, 150), (0.0, 300, 150)))
+    sim.advance(0.05, 2)
+    assert sim.snapshot().kv_used_tokens > 512
+    with pytest.raises(ValueError, match="unsafe restore"):
+        sim.advance(0.05, 0)
+
+
+def test_retraction_frees_kv_and_everything_finishes() -> None:
+    sim = Simulator(MODEL, ReplicaConfig(base_capacity_tokens=20))
+    run(sim, window((0.0, 8, 10), (0.0, 8, 10), (0.0, 8, 10)))
+    assert len(sim.records) == 3
+    assert all(r.output_tokens == 10 for r in sim.records)
+    snap = sim.snapshot()
+    assert snap.kv_used_tokens == 0 and snap.queue_len == 0 and snap.running_reqs == 0
+
+
+def test_late_requests_counted_once() -> None:
+    burst = window(*[(0.0, 200, 4) for _ in range(30)])
+    sim = Simulator(MODEL, ReplicaConfig(ttft_slo_s=0.05))
+    results = run(sim, burst)
+    late = sum(r.newly_late for r in results)
+    assert late == sum(rec.ttft_s > 0.05 for rec in sim.records) > 0
+    assert sum(r.generated_tokens for r in results) == 30 * 4
+
+
+def test_oversized_request_rejected() -> None:
+    with pytest.raises(ValueError, match="LengthMapping"):
+        Simulator(MODEL).reset(window((0.0, 500, 100)))
