@@ -29,8 +29,6 @@ from eval.replay import Replayer, RequestRecord, measure_unloaded, prompt_ids, u
 from eval.servers import (
     DEFAULT_RL_CHECKPOINT,
     SYSTEMS,
-    Server,
-    ServerError,
     get_state,
     poll_state,
     start_server,
@@ -50,6 +48,7 @@ from eval.traces import (
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, parse_bytes
 from sglang_morph.data import resolve_model
 from sglang_morph.model_info import ModelInfo, read_model_info
+from sglang_morph.server_process import Server, ServerError
 
 DEMO_SYSTEMS = "fp,static-int4,morph-heuristic"
 CALIBRATION_REQUESTS = 5
@@ -361,7 +360,7 @@ def calibrate(plan: Plan, server: Server) -> Slo:
     out = max(
         CALIBRATION_MIN_OUTPUT, int(statistics.median(r.output_tokens for r in plan.trace.requests))
     )
-    probe = measure_unloaded(server.base_url, plan.vocab, inp, out, CALIBRATION_REQUESTS)
+    probe = measure_unloaded(server.url, plan.vocab, inp, out, CALIBRATION_REQUESTS)
     ttft, tpot = asyncio.run(probe)
     scale = args.slo_scale
     how = (
@@ -389,21 +388,21 @@ def replay_system(plan: Plan, server: Server, run: SystemRun) -> None:
     """Replay the plan's requests to ``server``, filling ``run`` as it goes (so an interrupt
     leaves the finished part in place)."""
     replayer = Replayer(
-        server.base_url,
+        server.url,
         plan.trace.requests,
         plan.prompts,
         request_timeout_s=plan.args.request_timeout,
         label=f"{run.system} rep {run.rep}",
     )
     run.records = replayer.records
-    run.state_start = get_state(server.base_url)
+    run.state_start = get_state(server.url)
     try:
-        asyncio.run(_replay_and_watch(replayer, server.base_url, run.timeline))
+        asyncio.run(_replay_and_watch(replayer, server.url, run.timeline))
     finally:
         for record in run.records:
             if record.error is None and record.e2e_s is None:
                 record.error = "interrupted"
-    run.state_end = get_state(server.base_url)
+    run.state_end = get_state(server.url)
 
 
 def _evaluate(plan: Plan, key: FormatKey, cache: dict, notes: list[str]) -> dict | None:

@@ -1,5 +1,6 @@
-"""A real sglang-morph server in a subprocess: used by the tests (one per module) and the
-benchmarks, which must exercise the same launcher a user runs."""
+"""A real sglang-morph server in a subprocess, the one definition used by the tests (one server
+per module), the benchmarks and the evaluation harness: all of them must exercise the launcher a
+user runs, and all of them must stop it completely."""
 
 from __future__ import annotations
 
@@ -15,51 +16,108 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = "sglang_morph.launch_server"
 HEALTH_TIMEOUT_S = float(os.environ.get("MORPH_TEST_HEALTH_TIMEOUT", "240"))
 
 
+class ServerError(RuntimeError):
+    """A server that did not become healthy; the message carries its log tail."""
+
+
 def free_port() -> int:
+    """A port nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-class Server:
-    """Starts ``python -m <module>`` with ``args`` and waits until /health answers."""
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``host:port`` (checked before start, to fail clearly)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
-    def __init__(self, args: list[str], module: str = "sglang_morph.launch_server",
-                 env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="morph-server-", suffix=".log",
-                                               delete=False)
+
+class Server:
+    """Starts ``python -m <module> --host H --port P ARGS`` in its own process group (so stopping
+    reaches SGLang's scheduler and detokenizer children too) and waits until /health answers.
+
+    Raises ServerError, with the log tail, when the port is taken, the process exits early or
+    health does not come within ``health_timeout_s``. ``SGLANG_MORPH_CONFIG`` is never inherited:
+    each server's morph configuration comes from its own arguments.
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        module: str = LAUNCHER,
+        env: dict[str, str] | None = None,
+        health_timeout_s: float = HEALTH_TIMEOUT_S,
+    ) -> None:
+        if port is not None and not port_is_free(port, host):
+            raise ServerError(f"port {port} on {host} is already in use; pick another port")
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        if log_path is None:
+            log_path = Path(tempfile.mkstemp(prefix="morph-server-", suffix=".log")[1])
+        self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items() if k != "SGLANG_MORPH_CONFIG"}
         full_env.update(env or {})
-        # Run from outside the repo: `python -m` from the repo root would shadow nothing here,
-        # but SGLang's own launcher must import the installed packages only.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(),
-            env=full_env, start_new_session=True,
+        # The child runs outside the repository (SGLang must import installed packages only),
+        # with the repository on its path so a checkout without an editable install still works.
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO), full_env.get("PYTHONPATH")) if p
         )
-        self._wait_healthy()
+        cmd = [sys.executable, "-m", module, "--host", host, "--port", str(self.port), *args]
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            log.write(("$ " + " ".join(cmd) + "\n").encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=tempfile.gettempdir(), env=full_env, start_new_session=True,
+            )  # fmt: skip
+        try:
+            self._wait_healthy(health_timeout_s)
+        except BaseException:  # also Ctrl-C: the server is in its own session and would live on
+            self.stop()
+            raise
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+                raise ServerError(
+                    f"server exited with status {self.proc.returncode} before becoming healthy; "
+                    f"log {self.log_path}:\n{self.tail()}"
+                )
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not healthy after {HEALTH_TIMEOUT_S} s:\n{self.tail()}")
+        raise ServerError(
+            f"server not healthy after {timeout_s:.0f} s; log {self.log_path}:\n{self.tail()}"
+        )
 
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
+    def tail(self, lines: int = 40, width: int = 240) -> str:
+        """The log's last ``lines`` lines, each cut to ``width`` characters (SGLang logs its
+        whole configuration on one line of several kilobytes)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no server log)"
+        tail = text.splitlines()[-lines:]
+        return "\n".join(line if len(line) <= width else line[:width] + " ..." for line in tail)
 
     def get(self, path: str, **kw) -> requests.Response:
         return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
@@ -68,16 +126,41 @@ class Server:
         return requests.post(self.url + path, json=json, timeout=kw.pop("timeout", 60), **kw)
 
     def generate(self, text: str, max_new_tokens: int = 30) -> str:
+        """Greedy completion of ``text`` through SGLang's native /generate."""
         r = self.post("/generate", {"text": text, "sampling_params": {
             "temperature": 0, "max_new_tokens": max_new_tokens}})
         r.raise_for_status()
         return r.json()["text"]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def stop(self, grace_s: float = 20.0) -> None:
+        """Terminate the process group, and kill it if it outlives ``grace_s``.
+
+        The group is signalled even when the launcher has already exited: after a crash SGLang's
+        detokenizer can outlive it and would keep a core busy for whatever runs next.
+        """
+        pgid = self.proc.pid  # start_new_session=True: the launcher leads its own group
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=grace_s)
+        deadline = time.monotonic() + grace_s
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

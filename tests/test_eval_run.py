@@ -21,8 +21,9 @@ from eval import servers
 from eval.metrics import Slo
 from eval.replay import Replayer, RequestRecord
 from eval.report import comparisons
-from eval.servers import Server, ServerError, poll_state, start_server, stop_server
+from eval.servers import poll_state, start_server, stop_server
 from eval.traces import Trace, TraceRequest
+from sglang_morph.server_process import Server, ServerError
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_FIELDS = {
@@ -189,7 +190,7 @@ def test_interrupt_still_writes_results(tmp_path: Path, monkeypatch: pytest.Monk
 
     def launch(plan: runmod.Plan, system: str, rep: int, slo: Slo | None) -> Server:
         started.append(system)
-        return Server(None, "http://127.0.0.1:1", tmp_path / "log")  # type: ignore[arg-type]
+        return types.SimpleNamespace(url="http://127.0.0.1:1")  # type: ignore[return-value]
 
     def replay(plan: runmod.Plan, server: Server, run: runmod.SystemRun) -> None:
         run.records.extend(_records(0.1, 0.01)[:5])
@@ -216,7 +217,7 @@ def test_server_that_fails_is_noted_and_skipped(
     def launch(plan: runmod.Plan, system: str, rep: int, slo: Slo | None) -> Server:
         if system == "static-int4":
             raise ServerError("server exited with status 1\nlog tail")
-        return Server(None, "http://127.0.0.1:1", tmp_path / "log")  # type: ignore[arg-type]
+        return types.SimpleNamespace(url="http://127.0.0.1:1")  # type: ignore[return-value]
 
     def replay(plan: runmod.Plan, server: Server, run: runmod.SystemRun) -> None:
         run.records.extend(_records(0.1, 0.01))
@@ -364,7 +365,7 @@ def test_server_lifecycle_reaches_the_whole_process_group(
     deadline = time.monotonic() + 5
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server.process.poll() is not None and not _alive(child)
+    assert server.proc.poll() is not None and not _alive(child)
 
     with pytest.raises(ServerError, match="status 3") as info:
         start_server("model", unused_port(), ["--mode", "crash"], tmp_path / "crash.log")
