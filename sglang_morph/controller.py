@@ -24,10 +24,13 @@ class Controller:
     def __init__(self, runtime) -> None:
         self.runtime = runtime
         cfg = runtime.cfg
+        self.policy: HeuristicPolicy | FallbackPolicy | None
         if cfg.policy == "rl":
             self.policy = FallbackPolicy.from_checkpoint(cfg.checkpoint_path or DEFAULT_CHECKPOINT)
-        else:
+        elif cfg.policy == "heuristic":
             self.policy = HeuristicPolicy()
+        else:  # manual: observe only; /morph/state shows what a policy would see (engine env)
+            self.policy = None
         self.arrivals = ArrivalRateMeter()
         self.transitions = ArrivalRateMeter()
         self.last_decision = 0.0
@@ -61,6 +64,9 @@ class Controller:
         self.last_decision = now
         start = time.perf_counter()
         snap = self.snapshot(now)
+        if self.policy is None:
+            self.last_snapshot = snap
+            return
         target, clipped = clip_action(self.policy.decide(snap), snap)
         self.last_snapshot, self.last_target = snap, target
         self.decide_s.append(time.perf_counter() - start)

@@ -202,7 +202,8 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
             raise MorphSetupError(
                 "--morph-memory-budget sets the KV capacity; do not give --max-total-tokens too"
             )
-        plan = plan_kv_tokens(model, cfg, _value(sg, "--dtype") or "float32")
+        dtype, device = _value(sg, "--dtype") or "float32", _value(sg, "--device") or "cuda"
+        plan = plan_kv_tokens(model, cfg, dtype, device)
         _set(sg, "--max-total-tokens", str(plan.pool_tokens))
     return cfg, sg
 

@@ -26,14 +26,14 @@ class KVPlan:
     weight_bytes: int
 
 
-def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str) -> KVPlan:
+def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str, device: str) -> KVPlan:
     """Reserve KV for the largest capacity the budget can ever give.
 
     The reservation assumes quantized layers cost nothing (an upper bound, so it never runs
     short); the runtime then limits the usable part to what the budget allows exactly.
     Without morphing (policy off) the reservation is just the full-precision capacity.
     """
-    info = read_model_info(model_path, dtype)
+    info = read_model_info(model_path, dtype, device)
     budget = cfg.memory_budget_bytes
     assert budget is not None
     fp_tokens = (budget - info.weight_bytes) // info.kv_bytes_per_token

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+CPU_INTERMEDIATE_PADDING = 64
+"""On CPU, SGLang 0.5.23 pads ``intermediate_size`` up to a multiple of 64 x tp_size
+(``adjust_config_with_unaligned_cpu_tp`` in configs/update_config.py): stories260K's 172 becomes
+192, so the MLP weights SGLang holds are larger than the checkpoint's. A budget must count the
+weights as served, or full precision would get more memory than it is allowed."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,18 @@ def _safetensors_params(path: Path) -> dict[str, int]:
     return counts
 
 
-def read_model_info(model_path: str, dtype: str = "float32") -> ModelInfo:
-    """Sizes of the checkpoint in ``model_path`` when served in ``dtype``."""
+def serving_device() -> str:
+    """The device SGLang serves on here: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_model_info(
+    model_path: str, dtype: str = "float32", device: str | None = None
+) -> ModelInfo:
+    """Sizes of the checkpoint in ``model_path`` when SGLang serves it in ``dtype`` on
+    ``device`` (default: ``serving_device()``), with tensor parallelism 1."""
     path = Path(model_path)
     cfg = json.loads((path / "config.json").read_text())
     layers = int(cfg["num_hidden_layers"])
@@ -58,10 +73,15 @@ def read_model_info(model_path: str, dtype: str = "float32") -> ModelInfo:
     if not counts:
         raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
     layer_params = sum(c for n, c in counts.items() if ".layers.0." in n)
+    inter = int(cfg.get("intermediate_size") or 0)
+    extra = 0
+    if (device or serving_device()) == "cpu" and inter % CPU_INTERMEDIATE_PADDING:
+        padded = -(-inter // CPU_INTERMEDIATE_PADDING) * CPU_INTERMEDIATE_PADDING
+        extra = 3 * int(cfg["hidden_size"]) * (padded - inter)  # gate, up and down, per layer
     return ModelInfo(
         num_layers=layers,
-        num_params=sum(counts.values()),
-        layer_params=layer_params,
+        num_params=sum(counts.values()) + layers * extra,
+        layer_params=layer_params + extra,
         kv_bytes_per_token=2 * layers * kv_heads * head_dim * dtype_bytes,
         dtype_bytes=dtype_bytes,
     )

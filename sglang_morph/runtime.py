@@ -73,7 +73,7 @@ class MorphRuntime:
 
         if metrics_enabled():
             self.metrics = MorphMetrics()
-        if self.cfg.policy in ("heuristic", "rl"):
+        if self.cfg.policy in ("heuristic", "rl", "manual"):
             from sglang_morph.controller import Controller
 
             self.controller = Controller(self)

@@ -1,10 +1,11 @@
 """``y = x W^T (+ bias)`` with a weight-only quantized W, on the device's real kernel.
 
-Paths (``kernel_name``): ``int8pack_mm`` (``torch._weight_int8pack_mm``, CPU and CUDA),
-``int4pack_mm_for_cpu`` (``torch._weight_int4pack_mm_for_cpu``), ``int4pack_mm`` (CUDA
-tinygemm ``torch._weight_int4pack_mm``, sm80+), and ``dequant_matmul`` where the device has no
-kernel. The CPU kernels and CUDA int4 run on bfloat16 activations (the only vectorized CPU path
-in torch 2.13; tinygemm's only input type); the result is returned in the input's dtype.
+Paths (``kernel_name``): ``int8pack_mm`` (``torch._weight_int8pack_mm``: CPU, and CUDA in the
+torch builds that register it), ``int4pack_mm_for_cpu`` (``torch._weight_int4pack_mm_for_cpu``),
+``int4pack_mm`` (CUDA tinygemm ``torch._weight_int4pack_mm``, sm80+), and ``dequant_matmul``
+where this torch build has no kernel for the device (asked of the dispatcher, ``has_kernel``).
+The CPU kernels and CUDA int4 run on bfloat16 activations (the only vectorized CPU path in
+torch 2.13; tinygemm's only input type); the result is returned in the input's dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sglang_morph.quant.quantize import QuantizedWeight
+from sglang_morph.quant.quantize import QuantizedWeight, has_kernel
 
 _LAYOUT_KERNELS = {
     "int4_cpu": "int4pack_mm_for_cpu",
@@ -24,7 +25,7 @@ _LAYOUT_KERNELS = {
 def kernel_name(qw: QuantizedWeight) -> str:
     """Which path ``quantized_matmul`` takes for ``qw``: for reports, tests and the profile."""
     if qw.fmt == "int8":
-        return "int8pack_mm" if qw.device.type in ("cpu", "cuda") else "dequant_matmul"
+        return "int8pack_mm" if has_kernel("_weight_int8pack_mm", qw.device) else "dequant_matmul"
     return _LAYOUT_KERNELS[qw.layout]
 
 

@@ -226,11 +226,27 @@ def _decode_int4(codes: torch.Tensor, sz: torch.Tensor, group_size: int) -> torc
     return w.view(rows, -1)
 
 
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether this torch build registers ``aten::<op>`` for ``device``'s type.
+
+    Asked of the dispatcher rather than assumed from the device: a CPU-only wheel has no CUDA
+    kernels, and the weight-only kernels came to each backend in different torch releases.
+    """
+    key = torch._C._dispatch_key_for_device(device.type)
+    return hasattr(torch.ops.aten, op) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"aten::{op}", key
+    )
+
+
 def _int4_layout(device: torch.device) -> str:
     """Which int4 layout a device's kernel reads; "nibble" where torch has none."""
-    if device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+    if device.type == "cpu" and has_kernel("_weight_int4pack_mm_for_cpu", device):
         return "int4_cpu"
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+    if (
+        device.type == "cuda"
+        and has_kernel("_weight_int4pack_mm", device)
+        and torch.cuda.get_device_capability(device) >= (8, 0)  # tinygemm needs sm80+
+    ):
         return "int4_cuda"
     return "nibble"
 
