@@ -56,14 +56,23 @@ class QualityEvaluator:
         group_size: int = 32,
         quant_method: str = "rtn",
         profile: dict | None = None,
+        text_path: str | Path | None = None,
     ) -> None:
+        """``text_path``: ``<|endoftext|>``-separated evaluation text (default: the TinyStories
+        sample, the model's own domain). With ``quant_method="rtn"`` a profile's AWQ scales are
+        ignored, so a comparison of the two methods can share one profile."""
         path = resolve_model(model_path)
         model = load_model(path)
-        self.text = tokenize_stories(resolve("tinystories"), load_tokenizer(path))
+        text = resolve("tinystories") if text_path is None else text_path
+        self.text = tokenize_stories(text, load_tokenizer(path))
+        if text_path is None:  # the asset's name, not this machine's path, goes in reports
+            self.text.source = "tinystories (text/tinystories_sample.txt)"
         self._fp_logprobs = [self._logprobs(model, seq) for seq in self.text.sequences]
         self._awq = quant_method == "awq"
-        self.swapper = LayerSwapper(model, group_size, _profile_scales(profile, group_size))
+        scales = _profile_scales(profile, group_size) if self._awq else {}
+        self.swapper = LayerSwapper(model, group_size, scales)
         self.num_layers = self.swapper.num_layers
+        self._calibration: list[torch.Tensor] | None = None
 
     @staticmethod
     def _logprobs(model: torch.nn.Module, seq: torch.Tensor) -> torch.Tensor:
@@ -87,14 +96,13 @@ class QualityEvaluator:
     def _search_missing_scales(self, formats: set[str]) -> None:
         """AWQ scales for formats the profile has none for, searched on the default
         calibration text (sampled from the model, never the evaluation text)."""
-        missing = sorted(formats - set(self.swapper.act_scales))
-        if missing:
-            model = self.swapper.model  # full precision between evaluations
-            calibration = sample_text(model).sequences
-            for fmt in missing:
-                self.swapper.act_scales[fmt] = search_act_scales(
-                    model, calibration, fmt, self.swapper.group_size
-                )
+        model = self.swapper.model  # full precision between evaluations
+        for fmt in sorted(formats - set(self.swapper.act_scales)):
+            if self._calibration is None:  # sampled once, shared by the formats
+                self._calibration = sample_text(model).sequences
+            self.swapper.act_scales[fmt] = search_act_scales(
+                model, self._calibration, fmt, self.swapper.group_size
+            )
 
 
 def _profile_scales(profile: dict | None, group_size: int) -> dict[str, ActScales]:
@@ -163,10 +171,15 @@ def run_quality(
     quant_method: str,
     profile: dict,
     seeds: int,
+    text_path: str | Path | None = None,
 ) -> dict:
     """The quality report: ppl and kl curves per order (see the module docstring)."""
-    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile)
+    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile, text_path)
     layers = evaluator.num_layers
+    if profile["num_layers"] != layers:
+        raise ValueError(
+            f"the profile is for {profile['num_layers']} layers; the model has {layers}"
+        )
 
     @functools.cache
     def evaluate(quantized: frozenset[int]) -> dict[str, float]:
@@ -221,6 +234,50 @@ def run_quality(
     }
 
 
+def compare_methods(
+    model_path: str | None = None,
+    group_sizes: tuple[int, ...] = GROUP_SIZES,
+    text_path: str | Path | None = None,
+) -> dict:
+    """ppl and KL with every layer quantized, per format, method and int4 group size.
+
+    The worst case of any order (k = L) is where formats and methods differ most, so this is
+    the comparison behind the int8 and AWQ-versus-RTN targets. AWQ scales are searched on the
+    default calibration text (sampled from the model), never on the evaluation text.
+    """
+    rows, fp, text = [], None, None
+    configs = list(itertools.product(QUANT_METHODS, group_sizes))
+    for method, group_size in track(configs, "methods", console=_CONSOLE):
+        evaluator = QualityEvaluator(model_path, group_size, method, None, text_path)
+        if fp is None:
+            fp, text = evaluator.evaluate({}), evaluator.text
+        # int8 has one scale per output channel: the group size does not apply.
+        formats = QUANTIZED_FORMATS if group_size == group_sizes[0] else ("int4",)
+        for fmt in formats:
+            result = evaluator.evaluate({i: fmt for i in range(evaluator.num_layers)})
+            rows.append(
+                {
+                    "format": fmt,
+                    "quant_method": method,
+                    "group_size": group_size if fmt == "int4" else None,
+                    **result,
+                    "ppl_change": result["ppl"] / fp["ppl"] - 1,
+                }
+            )
+    return {
+        "model": model_path or DEFAULT_MODEL,
+        "text": {"source": text.source, "sha256": text.sha256, "tokens": text.tokens},
+        "fp": fp,
+        "all_layers": rows,
+    }
+
+
+def _config_name(report: dict) -> str:
+    """A configuration's label, e.g. "int4 g32 rtn"; int8 has per-channel scales, no groups."""
+    group = f" g{report['group_size']}" if report["format"] == "int4" else ""
+    return f"{report['format']}{group} {report['quant_method']}"
+
+
 def plot_quality(report: dict, path: Path) -> None:
     """ppl and kl against k, one line per order."""
     import matplotlib.pyplot as plt
@@ -236,8 +293,7 @@ def plot_quality(report: dict, path: Path) -> None:
     if exact is not None:
         for ax, key in zip(axes, ("ppl", "kl"), strict=True):
             ax.plot(range(len(exact[key])), exact[key], "x-.", label="mean of all orders")
-    title = f"{report['model']} {report['format']} g{report['group_size']} "
-    title += report["quant_method"]
+    title = f"{report['model']} {_config_name(report)}"
     for ax, ylabel in zip(axes, ("perplexity", "mean KL(fp || quantized), nats"), strict=True):
         ax.set_xlabel("quantized layers k")
         ax.set_ylabel(ylabel)
@@ -255,7 +311,7 @@ def _print_table(report: dict) -> None:
     if orders["random"]["all_orders"] is not None:
         columns["all"] = orders["random"]["all_orders"]
     table = Table(
-        title=f"{report['format']} {report['quant_method']} g{report['group_size']} "
+        title=f"{_config_name(report)} "
         f"(rand: mean of {len(orders['random']['seeds'])} seeds; all: mean of all orders)"
     )
     table.add_column("k")
@@ -270,6 +326,22 @@ def _print_table(report: dict) -> None:
     Console(width=160).print(table)
 
 
+def _print_methods(report: dict) -> None:
+    table = Table(title=f"every layer quantized (fp ppl {report['fp']['ppl']:.4f})")
+    for column in ("format", "method", "group", "ppl", "ppl change", "kl"):
+        table.add_column(column)
+    for row in report["all_layers"]:
+        table.add_row(
+            row["format"],
+            row["quant_method"],
+            str(row["group_size"] or "channel"),
+            f"{row['ppl']:.4f}",
+            f"{100 * row['ppl_change']:+.3f}%",
+            f"{row['kl']:.5f}",
+        )
+    Console(width=160).print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m eval.quality", description=__doc__.split("\n\n")[0]
@@ -280,20 +352,42 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS)
     parser.add_argument("--profile", default=None, help="profile JSON (default: compute one)")
     parser.add_argument("--seeds", type=int, default=5, help="random orders to average")
+    parser.add_argument(
+        "--text",
+        default=None,
+        help="<|endoftext|>-separated evaluation text (default: the TinyStories sample)",
+    )
+    parser.add_argument(
+        "--compare-methods",
+        action="store_true",
+        help="instead of the orders: every layer quantized, per format, method and group size",
+    )
     parser.add_argument("--out", required=True, help="report JSON; the plot goes beside it")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.compare_methods:
+        methods = compare_methods(args.model_path, text_path=args.text)
+        out.write_text(json.dumps(methods, indent=1) + "\n")
+        _print_methods(methods)
+        _CONSOLE.print(f"-> {out}")
+        return
     if args.profile is not None:
         profile = load_profile(args.profile)
     else:
         _CONSOLE.print("no --profile: computing one on the default calibration text")
         profile = build_profile(args.model_path, args.format, args.group_size, args.quant_method)
     report = run_quality(
-        args.model_path, args.format, args.group_size, args.quant_method, profile, args.seeds
+        args.model_path,
+        args.format,
+        args.group_size,
+        args.quant_method,
+        profile,
+        args.seeds,
+        args.text,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot_quality(report, out.with_suffix(".png"))
     _print_table(report)

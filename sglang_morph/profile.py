@@ -183,12 +183,19 @@ def build_profile(
     token_counts: tuple[int, ...] = TOKEN_COUNTS,
     latency_repeats: int = 20,
     progress: bool = True,
+    samples: int = 16,
+    seed: int = 0,
 ) -> dict:
-    """The profile JSON of ``model_path`` (default: the embedded stories260K)."""
+    """The profile JSON of ``model_path`` (default: the embedded stories260K).
+
+    Without a ``calibration`` file the text is ``samples`` stories of up to 256 tokens sampled
+    from the model with ``seed``: more samples or another seed show whether the order is a
+    property of the model or of one calibration sample.
+    """
     path = resolve_model(model_path)
     model = load_model(path)
     if calibration is None:
-        text = sample_text(model)
+        text = sample_text(model, num_sequences=samples, seed=seed)
     else:
         text = tokenize_stories(calibration, load_tokenizer(path))
     act_scales = None
@@ -267,10 +274,22 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="<|endoftext|>-separated text file (default: text sampled from the model, seed 0)",
     )
+    parser.add_argument(
+        "--samples", type=int, default=16, help="sampled calibration stories (no --calibration)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     parser.add_argument("--out", required=True, help="profile JSON to write")
     args = parser.parse_args(argv)
+    if args.samples < 1:
+        parser.error("--samples must be at least 1")
     profile = build_profile(
-        args.model_path, args.format, args.group_size, args.quant_method, args.calibration
+        args.model_path,
+        args.format,
+        args.group_size,
+        args.quant_method,
+        args.calibration,
+        samples=args.samples,
+        seed=args.seed,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

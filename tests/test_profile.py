@@ -110,3 +110,11 @@ def test_cli_writes_a_loadable_profile(calibration: Path, tmp_path: Path) -> Non
     (tmp_path / "bad.json").write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="permutation"):
         load_profile(tmp_path / "bad.json")
+
+
+def test_sampled_calibration_follows_samples_and_seed() -> None:
+    one = build_profile(None, "int4", 32, "rtn", samples=2, seed=3, **FAST)
+    other = build_profile(None, "int4", 32, "rtn", samples=2, seed=4, **FAST)
+    assert one["calibration"]["source"] == "sampled from the model: seed=3, 2 x 256 tokens"
+    assert 2 <= one["calibration"]["tokens"] <= 2 * 256
+    assert one["calibration"]["sha256"] != other["calibration"]["sha256"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.quality import QualityEvaluator, evaluate_formats, plot_quality
+from eval.quality import QualityEvaluator, evaluate_formats, main, plot_quality
 from sglang_morph.data import resolve_model
-from sglang_morph.hf_model import load_model
+from sglang_morph.hf_model import TokenText, load_model, load_tokenizer, tokenize_stories
 from sglang_morph.profile import build_profile
 
 
@@ -100,3 +101,76 @@ def test_awq_uses_the_profile_scales(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     awq = evaluate_formats(resolve_model(None), every, quant_method="awq", profile=profile)
     rtn = evaluate_formats(resolve_model(None), every)
     assert awq["ppl"] != rtn["ppl"] and 0 < awq["kl"] < 2 * rtn["kl"]
+    # Round-to-nearest ignores a profile's AWQ scales, so one profile serves both methods.
+    assert evaluate_formats(resolve_model(None), every, profile=profile) == rtn
+
+
+SHORT_TEXT = """Lily saw a big red ball in the park. She ran to it and kicked it high.
+<|endoftext|>
+Tom had a little dog. The dog liked to run and jump. They played all day.
+<|endoftext|>"""
+
+
+def test_cli_report_shape(tmp_path: Path) -> None:
+    """The report JSON the issue specifies, on a short text so the 2^L subsets stay fast."""
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text("Tom had a red kite. He ran in the park and the kite went up high.")
+    profile = build_profile(
+        None, "int4", 32, "rtn", calibration, token_counts=(1,), latency_repeats=1, progress=False
+    )
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    text = tmp_path / "text.txt"
+    text.write_text(SHORT_TEXT)
+    out = tmp_path / "q.json"
+    profile_path = str(tmp_path / "p.json")
+    main(["--profile", profile_path, "--text", str(text), "--seeds", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    layers = profile["num_layers"]
+    orders = report["orders"]
+    assert set(orders) == {"lis", "last_to_first", "random"}
+    assert orders["lis"]["order"] == profile["layer_order"]
+    assert orders["last_to_first"]["order"] == list(range(layers - 1, -1, -1))
+    assert len(orders["random"]["orders"]) == 2
+    for curve in (*orders.values(), orders["random"]["all_orders"]):
+        assert len(curve["ppl"]) == len(curve["kl"]) == layers + 1
+    assert report["text"]["sequences"] == 2 and report["format"] == "int4"
+    # k = 0 and k = L are the same model in every order; in between KL is positive.
+    for key in ("ppl", "kl"):
+        assert len({round(c[key][0], 9) for c in orders.values()}) == 1
+        assert len({round(c[key][-1], 9) for c in orders.values()}) == 1
+    assert orders["lis"]["kl"][0] == pytest.approx(0, abs=1e-7)
+    assert all(kl > 0 for kl in orders["lis"]["kl"][1:])
+    # The exact mean over all orders at k = 1 is the mean of the single-layer figures.
+    evaluator = QualityEvaluator(text_path=text)
+    singles = [evaluator.evaluate({i: "int4"})["kl"] for i in range(layers)]
+    assert orders["random"]["all_orders"]["kl"][1] == pytest.approx(sum(singles) / layers)
+
+
+def test_compare_methods_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(SHORT_TEXT)
+    sampled: list[int] = []
+
+    def short_sample(model: torch.nn.Module) -> TokenText:
+        """A short calibration text in place of the 16 x 256 sampled tokens."""
+        sampled.append(1)
+        return tokenize_stories(text, load_tokenizer(resolve_model(None)))
+
+    monkeypatch.setattr("eval.quality.sample_text", short_sample)
+    out = tmp_path / "methods.json"
+    main(["--compare-methods", "--text", str(text), "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = {(r["format"], r["quant_method"], r["group_size"]): r for r in report["all_layers"]}
+    # int8 once per method (per channel); int4 per method and group size.
+    expected = {(f, m, None) for f in ("int8",) for m in ("rtn", "awq")}
+    expected |= {("int4", m, g) for m in ("rtn", "awq") for g in (32, 64, 128)}
+    assert set(rows) == expected
+    assert len(sampled) == 3  # one calibration sample per AWQ evaluator, shared by formats
+    fp = report["fp"]["ppl"]
+    for row in rows.values():
+        assert row["kl"] > 0
+        assert row["ppl_change"] == pytest.approx(row["ppl"] / fp - 1)
+    # Coarser int4 groups lose more; int8 loses far less than any int4.
+    rtn = [rows[("int4", "rtn", g)]["kl"] for g in (32, 64, 128)]
+    assert rtn[0] < rtn[2] and rows[("int8", "rtn", None)]["kl"] < min(rtn) / 10

@@ -178,9 +178,25 @@ def test_linear_method_apply_matches_reference() -> None:
 
 def test_invalid_arguments_are_rejected() -> None:
     w = _weight(16, 32)
+    for bad in (w.flatten(), w[None]):
+        with pytest.raises(ValueError, match="2-D"):
+            quantize_weight(bad, "int8")
+        with pytest.raises(ValueError, match="2-D"):
+            fake_quantize(bad, "int4")
     with pytest.raises(ValueError, match="format"):
         quantize_weight(w, "int3")
+    with pytest.raises(ValueError, match="format"):
+        fake_quantize(w, "fp")
     with pytest.raises(ValueError, match="group size"):
         quantize_weight(w, "int4", 16)
     with pytest.raises(ValueError, match="input_scale"):
         quantize_weight(w, "int8", input_scale=torch.ones(31))
+
+
+def test_kernels_are_found_through_the_dispatcher() -> None:
+    cpu = torch.device("cpu")
+    assert quantize_module.has_kernel("_weight_int8pack_mm", cpu)
+    assert quantize_module.has_kernel("_weight_int4pack_mm_for_cpu", cpu)
+    # torch 2.13 has tinygemm (_weight_int4pack_mm) for CUDA only; the CPU one is _for_cpu.
+    assert not quantize_module.has_kernel("_weight_int4pack_mm", cpu)
+    assert not quantize_module.has_kernel("no_such_op", cpu)

@@ -11,9 +11,9 @@ is packed once here (never per matmul) in the layout of the kernel that will rea
   (scale, zero) pair, ``w = (q - 8) * scale + zero``. Asymmetric costs no extra bytes (the
   kernel reads a zero anyway) and wastes no grid points on groups not centred on zero.
 
-Torch 2.13's CPU kernels are vectorized for bfloat16 activations only (float32 runs a scalar
-loop 10-60x slower than the float32 GEMM), so on CPU the scales are kept in bfloat16 and the
-matmul feeds the kernels bfloat16. Codes are computed against the rounded scales, so
+Torch 2.13's CPU kernels are vectorized for bfloat16 activations only (with float32 they run
+6-70x slower than the float32 GEMM, 1-128 tokens), so on CPU the scales are kept in bfloat16
+and the matmul feeds the kernels bfloat16. Codes are computed against the rounded scales, so
 ``dequantize()`` is exactly the matrix the kernel multiplies by.
 
 Padding, so every shape takes a kernel: int4 pads ``in_features`` to whole groups (the kernels'
