@@ -9,6 +9,7 @@ morph configuration to SGLang's processes and adds the ``/morph/*`` routes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -144,6 +145,31 @@ def _set(argv: list[str], flag: str, value: str) -> None:
     argv += [flag, value]
 
 
+def _check_awq_profile(cfg: MorphConfig) -> None:
+    """AWQ needs the activation scales of a profile made for the same format and group size;
+    without this check the server would quietly quantize round-to-nearest or with scales
+    fitted to another grid."""
+    if cfg.profile_path is None:
+        raise MorphSetupError(
+            "--morph-quant-method awq needs --morph-profile P.json from "
+            "`python -m sglang_morph.profile --quant-method awq`"
+        )
+    with open(cfg.profile_path) as fh:
+        try:
+            profile = json.load(fh)
+        except ValueError as err:
+            raise MorphSetupError(f"--morph-profile {cfg.profile_path}: {err}") from err
+    fmt = cfg.static_format or cfg.quant_format
+    made = (profile.get("quant_method"), profile.get("format"), profile.get("group_size"))
+    wanted = ("awq", fmt, cfg.group_size if fmt == "int4" else made[2])
+    if made != wanted or not profile.get("act_scales"):
+        raise MorphSetupError(
+            f"--morph-profile {cfg.profile_path} was made for method/format/group size "
+            f"{made[0]}/{made[1]}/{made[2]}, not awq/{fmt}/{cfg.group_size}: profile again "
+            "with the server's --morph-format and --morph-group-size"
+        )
+
+
 def cuda_available() -> bool:
     """Whether SGLang will run on a CUDA device (the CPU flags are needed otherwise)."""
     import torch
@@ -181,6 +207,8 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
     cfg.validate()
     if cfg.profile_path is not None and not os.path.exists(cfg.profile_path):
         raise MorphSetupError(f"--morph-profile file does not exist: {cfg.profile_path}")
+    if cfg.quant_method == "awq":
+        _check_awq_profile(cfg)
     # A missing or broken --morph-checkpoint is not fatal: the rl policy falls back to the
     # heuristic, says so in the log and counts it in /morph/state.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from sglang_morph import SGLANG_VERSION
@@ -62,3 +64,20 @@ def test_resolver_prefers_user_dir(tmp_path):
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "tinystories_sample.txt").write_text("x")
     assert resolve("tinystories", data_dir=tmp_path) == tmp_path / "text" / "tinystories_sample.txt"
+
+
+def test_awq_needs_a_matching_profile():
+    """AWQ without scales, or with scales made for another grid, is refused before start-up."""
+    from sglang_morph.launch_server import build
+
+    with pytest.raises(MorphSetupError, match="needs --morph-profile"):
+        build(["--morph-quant-method", "awq"])
+    profiles = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles"
+    rtn = str(profiles / "stories260K-int4.json")
+    with pytest.raises(MorphSetupError, match="rtn/int4/32, not awq/int4/32"):
+        build(["--morph-quant-method", "awq", "--morph-profile", rtn])
+    awq = str(profiles / "stories260K-int4-awq.json")
+    with pytest.raises(MorphSetupError, match="not awq/int4/64"):
+        build(["--morph-quant-method", "awq", "--morph-profile", awq, "--morph-group-size", "64"])
+    cfg, _ = build(["--morph-quant-method", "awq", "--morph-profile", awq])
+    assert cfg.quant_method == "awq"
