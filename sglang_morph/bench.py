@@ -44,7 +44,9 @@ def _settle(url: str) -> dict:
 
 
 def run(budget: int, reps: int) -> dict:
+    start = time.perf_counter()
     server = Server(["--morph-policy", "manual", "--morph-memory-budget", str(budget)])
+    healthy_s = time.perf_counter() - start
     stop = threading.Event()
 
     def load() -> None:  # steady decodes so stalls are measured while serving
@@ -59,7 +61,7 @@ def run(budget: int, reps: int) -> dict:
     try:
         st0 = _settle(server.url)
         n = len(st0["layers"])
-        bpt = st0["kv_bytes_per_token"]
+        bpt, segment = st0["kv_bytes_per_token"], st0["kv_segment_tokens"]
         stalls, gains, resize = [], [], []
         for _ in track(range(reps), description="swap / restore / resize cycles"):
             for layer in st0["layer_order"]:
@@ -73,7 +75,7 @@ def run(budget: int, reps: int) -> dict:
                     "freed_tokens": (fmt["fp"] - fmt["int4"]) / bpt,
                     "capacity_gain": after["kv_capacity_tokens"] - before["kv_capacity_tokens"],
                     "segments": max(1, (after["kv_capacity_tokens"]
-                                        - before["kv_capacity_tokens"]) // 64),
+                                        - before["kv_capacity_tokens"]) // segment),
                 })
                 resize.append(after["kv_resize_last_step_s"] / gains[-1]["segments"])
             _post(server.url, "/morph/swap", {"layers": list(range(n)), "format": "fp"})
@@ -89,6 +91,7 @@ def run(budget: int, reps: int) -> dict:
     resize.sort()
     return {
         "budget_bytes": budget,
+        "server_healthy_s": healthy_s,
         "decode_iteration_median_s": decode,
         "swap_stall_median_s": stalls[len(stalls) // 2],
         "swap_stall_max_s": stalls[-1],
@@ -113,6 +116,7 @@ def main() -> None:
     t = Table(title="sglang-morph runtime benchmark (stories260K, CPU)")
     t.add_column("measure")
     t.add_column("value", justify="right")
+    t.add_row("server start to healthy", f"{res['server_healthy_s']:.1f} s")
     t.add_row("decode iteration, median", f"{res['decode_iteration_median_s'] * 1e3:.2f} ms")
     t.add_row("swap stall per layer, median / max",
               f"{res['swap_stall_median_s'] * 1e3:.3f} / {res['swap_stall_max_s'] * 1e3:.3f} ms")

@@ -291,6 +291,7 @@ class MorphRuntime:
             "kv_evictable_tokens": evictable,
             "kv_quarantined_tokens": int(self.kv.alloc.quarantined_size()) if self.kv else 0,
             "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_segment_tokens": self.cfg.kv_segment_tokens,
             "budget_bytes": self.cfg.memory_budget_bytes,
             "weight_bytes": self.weight_bytes(),
             "device_bytes_in_use": self.weight_bytes() + committed * self.kv_bytes_per_token,

@@ -4,7 +4,8 @@ Where the copies live: every layer's quantized copy is made once at start-up and
 memory, because it is small (1/8-1/4 of the layer), must be ready the moment load rises and must
 not count against the device budget while the layer runs in full precision; a swap copies it to
 the device (repacking int4 for the GPU kernel's layout there) and moves the full-precision
-weights to host memory (pinned on a GPU), freeing their device bytes. A restore copies them back unchanged (bit-exact).
+weights to host memory (pinned on a GPU), freeing their device bytes. A restore copies them
+back unchanged (bit-exact).
 
 Preparation (copies, packing) runs on a background thread (with a side CUDA stream on a GPU) while
 the scheduler keeps serving; the commit, which only rebinds the linears' weight tensors and
