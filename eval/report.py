@@ -17,6 +17,7 @@ from rich.table import Table
 from eval.replay import RequestRecord
 
 REFERENCE = "fp"
+QUALITY_REFERENCE = "static-int4"
 COLUMNS = (
     ("completed", "done", "{:d}"),
     ("failed", "failed", "{:d}"),
@@ -44,24 +45,41 @@ def _cell(value: object, fmt: str) -> str:
 
 
 def comparisons(summary: Mapping) -> dict[str, dict[str, float | None]]:
-    """Each non-fp system against fp: SLO-violation reduction (%) and P95 TTFT speed-up (x)."""
+    """Each non-fp system against fp: SLO-violation reduction (%), P95 TTFT speed-up (x), and
+    its quality cost as a fraction of static-int4's (KL to fp, which is 0 for fp itself)."""
     systems = summary.get("systems", {})
     ref = systems.get(REFERENCE)
     if not ref:
         return {}
+    static_kl = (systems.get(QUALITY_REFERENCE) or {}).get("quality_kl")
     out: dict[str, dict[str, float | None]] = {}
     for name, row in systems.items():
         if name == REFERENCE:
             continue
         fp_rate, rate = ref.get("slo_violation_rate"), row.get("slo_violation_rate")
         fp_p95, p95 = ref.get("ttft_p95_s"), row.get("ttft_p95_s")
+        kl = row.get("quality_kl")
         out[name] = {
             "violation_reduction_pct": (
                 100.0 * (fp_rate - rate) / fp_rate if fp_rate and rate is not None else None
             ),
             "p95_ttft_speedup": fp_p95 / p95 if fp_p95 and p95 else None,
+            "quality_cost_vs_static_int4": kl / static_kl if static_kl and kl is not None else None,
         }
     return out
+
+
+def _ratio_texts(r: Mapping[str, float | None]) -> tuple[str, str, str]:
+    red, speed, cost = (
+        r["violation_reduction_pct"],
+        r["p95_ttft_speedup"],
+        r["quality_cost_vs_static_int4"],
+    )
+    return (
+        "-" if red is None else f"{red:+.1f}%",
+        "-" if speed is None else f"{speed:.2f}x",
+        "-" if cost is None else f"{cost:.2f}",
+    )
 
 
 def conditions(summary: Mapping) -> list[str]:
@@ -103,12 +121,13 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
     ratios = comparisons(summary)
     if ratios:
         lines += ["", "Against fp (same budget, same requests):", ""]
-        lines += ["| system | SLO violation reduction | P95 TTFT speed-up |", "|---|---|---|"]
+        lines += [
+            "| system | SLO violation reduction | P95 TTFT speed-up | quality cost (KL) / "
+            "static-int4's |",
+            "|---|---|---|---|",
+        ]
         for name, r in ratios.items():
-            red, speed = r["violation_reduction_pct"], r["p95_ttft_speedup"]
-            red_text = "-" if red is None else f"{red:+.1f}%"
-            speed_text = "-" if speed is None else f"{speed:.2f}x"
-            lines.append(f"| {name} | {red_text} | {speed_text} |")
+            lines.append(f"| {name} | " + " | ".join(_ratio_texts(r)) + " |")
     notes = summary.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -217,10 +236,8 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
         table.add_row(name, *(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS))
     console.print(table)
     for name, r in comparisons(summary).items():
-        red, speed = r["violation_reduction_pct"], r["p95_ttft_speedup"]
+        red, speed, cost = _ratio_texts(r)
         console.print(
-            f"{name} vs fp: SLO violations "
-            + ("-" if red is None else f"{red:+.1f}% reduction")
-            + ", P95 TTFT "
-            + ("-" if speed is None else f"{speed:.2f}x speed-up")
+            f"{name} vs fp: SLO violations {red} reduction, P95 TTFT {speed} speed-up, "
+            f"quality cost {cost} of static-int4's"
         )

@@ -141,10 +141,15 @@ def test_outputs_on_synthetic_results(tmp_path: Path, monkeypatch: pytest.Monkey
     ratios = comparisons(written)
     assert ratios["morph-heuristic"]["violation_reduction_pct"] == pytest.approx(100.0)
     assert ratios["morph-heuristic"]["p95_ttft_speedup"] == pytest.approx(4.0)
+    kl = {name: written["systems"][name]["quality_kl"] for name in runs}
+    assert 0 < kl["morph-heuristic"] < kl["static-int4"]
+    cost = ratios["morph-heuristic"]["quality_cost_vs_static_int4"]
+    assert cost == pytest.approx(kl["morph-heuristic"] / kl["static-int4"])
+    assert ratios["static-int4"]["quality_cost_vs_static_int4"] == pytest.approx(1.0)
 
     report = (tmp_path / "report.md").read_text()
     assert "Time scale: 2x" in report and "clip(round(ctx / 16), 8, 300)" in report
-    assert "| morph-heuristic | +100.0% | 4.00x |" in report
+    assert f"| morph-heuristic | +100.0% | 4.00x | {cost:.2f} |" in report
     assert "TTFT <= 500.0 ms" in report and "2000000 bytes" in report
     assert (tmp_path / "ttft_cdf.png").stat().st_size > 0
     assert (tmp_path / "morph-heuristic" / "timeline.png").stat().st_size > 0
