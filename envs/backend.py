@@ -1,9 +1,9 @@
 """The interface between the environment and whatever serves the requests.
 
 Two implementations plug in here: the discrete-event simulator (``envs.simulator``), used for
-training, and the real SGLang engine driven through the runtime (to be wired by the runtime's
-author: an object with these two methods can be passed to ``MorphEnv(backend=...)``). Keeping the
-interface this small (replay a window, advance time with a layer target) is what lets a policy
+training, and a real SGLang server with the morph runtime (``envs.engine_backend``); any object
+with these two methods can be passed to ``MorphEnv(backend=...)``. Keeping the interface this
+small (replay a window, advance time with a layer target) is what lets a policy
 trained on one be evaluated on the other.
 """
 

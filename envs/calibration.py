@@ -106,12 +106,22 @@ def fit_iteration_model(
     swaps: list[tuple[int, float]],
     source: str,
 ) -> tuple[IterationModel, dict]:
-    """Least-squares fit of the coefficients the samples can identify; the rest from fallback.
+    """Least-absolute-deviations fit of the coefficients the samples can identify; the rest
+    from fallback.
+
+    LAD (the conditional median) rather than least squares: on a CPU shared with other jobs a
+    few forwards take 10-50x the typical time when the scheduler is descheduled, and least
+    squares lets those spikes set the intercept (it fitted a 130-ms "base" to forwards whose
+    median is 38 ms). LAD alone models the typical iteration and ignores what the spikes cost
+    in throughput (the simulator's P95 TTFT came out half the engine's), so the coefficients are
+    then scaled by one factor (``level_scale``) that makes the model's total time over the
+    samples equal the measured total: the shape from the median, the level from the mean.
 
     A coefficient is identifiable when its column varies in the samples (e.g. samples taken with
     no layer quantized say nothing about ``per_quantized_layer_s``). Coefficients are kept
-    non-negative by fixing a negative one to 0 and refitting. Returns the model and a fit report
-    (which coefficients were fitted, R^2, max relative error) for the calibration file.
+    non-negative by fixing a negative one to 0 and refitting (listed as ``clamped_to_zero``).
+    Returns the model and a fit report (which coefficients were fitted, clamped or taken from
+    the fallback, R^2, max relative error) for the calibration file.
     """
     if len(samples) < 2:
         raise CalibrationError(f"need at least 2 iteration samples to fit, got {len(samples)}")
@@ -123,18 +133,27 @@ def fit_iteration_model(
     }
     coef = {name: getattr(fallback, name) for name in COEFFICIENTS}
     free = [name for name, col in columns.items() if np.ptp(col) > 0]
+    clamped: list[str] = []
     while True:
         fixed = sum(coef[n] * columns[n] for n in columns if n not in free)
         design = np.column_stack([np.ones_like(y)] + [columns[n] for n in free])
-        solution, *_ = np.linalg.lstsq(design, y - fixed, rcond=None)
+        solution = _least_absolute_deviations(design, y - fixed)
         negative = [n for n, v in zip(free, solution[1:], strict=True) if v < 0]
         if not negative:
             break
         for name in negative:
             coef[name] = 0.0
+        clamped += negative
         free = [n for n in free if n not in negative]
     coef["base_s"] = max(0.0, float(solution[0]))
     coef.update({n: float(v) for n, v in zip(free, solution[1:], strict=True)})
+    # The median iteration sets the shape; the level is scaled so that the model's total time
+    # over the samples equals the measured total: throughput, which sets queueing, is kept.
+    shape = IterationModel(**coef, swap_s_per_layer=0.0, source="")
+    modelled = sum(shape.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers)
+                   for s in samples)
+    level = float(y.sum() / modelled) if modelled > 0 else 1.0
+    coef = {name: value * level for name, value in coef.items()}
     swap_s = sum(s for _, s in swaps) / sum(n for n, _ in swaps) if swaps else None
     model = IterationModel(
         **coef,
@@ -149,17 +168,54 @@ def fit_iteration_model(
     report = {
         "samples": len(samples),
         "fitted": ["base_s", *free],
-        "from_fallback": [n for n in COEFFICIENTS if n not in ("base_s", *free)]
+        "clamped_to_zero": clamped,
+        "from_fallback": [n for n in COEFFICIENTS if n not in ("base_s", *free, *clamped)]
         + ([] if swap_s is not None else ["swap_s_per_layer"]),
+        "method": "least absolute deviations (IRLS), scaled to the measured total time",
+        "level_scale": level,
         "r2": 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0,
+        "median_rel_error": float(np.median(np.abs(residual) / y)),
         "max_rel_error": float(np.max(np.abs(residual) / y)),
     }
     return model, report
 
 
-def save_calibration(model: IterationModel, report: dict, path: str | Path) -> None:
-    """Write the model with its fit report (the file documents its own provenance)."""
-    Path(path).write_text(json.dumps({"model": asdict(model), "fit": report}, indent=2) + "\n")
+def _least_absolute_deviations(design: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """argmin_b sum |y - design @ b| by iteratively reweighted least squares (weights
+    1 / |residual|, floored at 0.1 ms so exact fits do not divide by zero)."""
+    weights = np.ones_like(y)
+    solution = np.zeros(design.shape[1])
+    for _ in range(100):
+        root = np.sqrt(weights)
+        new, *_ = np.linalg.lstsq(design * root[:, None], y * root, rcond=None)
+        converged = np.allclose(new, solution, rtol=1e-6, atol=1e-9)
+        solution = new
+        if converged:
+            break
+        weights = 1.0 / np.maximum(np.abs(y - design @ solution), 1e-4)
+    return solution
+
+
+def save_calibration(
+    model: IterationModel, report: dict, path: str | Path, replica: dict | None = None
+) -> None:
+    """Write the model with its fit report (the file documents its own provenance) and, when
+    measured, the replica it was measured on (capacity, layers, SLO: ``load_replica``)."""
+    content: dict = {"model": asdict(model), "fit": report}
+    if replica:
+        content["replica"] = replica
+    Path(path).write_text(json.dumps(content, indent=2) + "\n")
+
+
+def load_replica(path: str | Path = DEFAULT_CALIBRATION) -> dict:
+    """The measured replica section of a calibration file (empty if it has none)."""
+    try:
+        replica = json.loads(Path(path).read_text()).get("replica") or {}
+    except (OSError, ValueError, AttributeError) as err:
+        raise CalibrationError(f"cannot read calibration {path}: {err}") from err
+    if not isinstance(replica, dict):
+        raise CalibrationError(f"calibration {path}: 'replica' must be an object")
+    return replica
 
 
 def load_calibration(path: str | Path = DEFAULT_CALIBRATION) -> IterationModel:

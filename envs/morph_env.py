@@ -25,7 +25,7 @@ import gymnasium as gym
 import numpy as np
 
 from envs.backend import ServingBackend
-from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_calibration
+from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_calibration, load_replica
 from envs.reward import (
     DEFAULT_QUALITY_TABLE,
     RewardWeights,
@@ -99,8 +99,9 @@ class MorphEnv(gym.Env):
     ) -> None:
         """``trace`` is a prepared Trace, or a name/path prepared here with ``length_mapping``
         (default LengthMapping()) and ``time_scale``. ``windows`` default to all consecutive
-        ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (not wired yet) or an
-        object implementing ``ServingBackend``. ``action_mode``: see the module docstring."""
+        ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (starts a real server:
+        ``envs.engine_backend``) or an object implementing ``ServingBackend``.
+        ``action_mode``: see the module docstring."""
         if isinstance(trace, str):
             trace = prepare_trace(trace, length_mapping or LengthMapping(), time_scale)
         self.trace = trace
@@ -109,7 +110,10 @@ class MorphEnv(gym.Env):
         )[0]
         if not self.windows:
             raise ValueError(f"no {window_s:g}-s window fits trace {trace.name!r}")
-        self.replica = replica or ReplicaConfig()
+        if replica is None:
+            path = calibration if isinstance(calibration, str) else DEFAULT_CALIBRATION
+            replica = ReplicaConfig.from_calibration(path)
+        self.replica = replica
         layers = self.replica.num_layers
         self.quality_table = validate_quality_table(quality_table or DEFAULT_QUALITY_TABLE)
         if len(self.quality_table) != layers + 1:
@@ -138,16 +142,27 @@ class MorphEnv(gym.Env):
         if not isinstance(backend, str):
             return backend
         if backend == "engine":
-            raise NotImplementedError(
-                "the real-engine backend is not wired yet: pass an object implementing "
-                "envs.backend.ServingBackend (reset(window), advance(dt, target_layers)) as "
-                "backend="
-            )
+            from envs.engine_backend import EngineBackend
+
+            # A fresh manual-policy server with the calibration's budget, judged by the
+            # replica's SLO; for a running server or other options pass an
+            # EngineBackend(url=...) instance instead.
+            path = calibration if isinstance(calibration, str) else DEFAULT_CALIBRATION
+            budget = load_replica(path).get("budget_bytes")
+            if budget is None:
+                return EngineBackend(ttft_slo_s=self.replica.ttft_slo_s)
+            return EngineBackend(ttft_slo_s=self.replica.ttft_slo_s, budget=str(budget))
         if backend != "simulator":
             raise ValueError(f"unknown backend {backend!r}; accepted: simulator, engine")
         if not isinstance(calibration, IterationModel):
             calibration = load_calibration(calibration or DEFAULT_CALIBRATION)
         return Simulator(calibration, self.replica)
+
+    def close(self) -> None:
+        """Release the backend (stops the server a ``"engine"`` backend started)."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def reset(
         self, *, seed: int | None = None, options: dict | None = None

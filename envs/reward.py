@@ -40,12 +40,19 @@ class RewardWeights:
 
 
 def load_quality_table(path: str | Path) -> tuple[float, ...]:
-    """Quality deltas by k from a JSON list, or from an object's ``quality_by_k`` list.
+    """Quality deltas by k from a JSON list, an object's ``quality_by_k`` list, or the output of
+    ``python -m eval.quality`` (perplexity increase along the ``lis`` order, the order the
+    runtime quantizes in when given the profile).
 
     Raises ValueError unless it starts at 0 (no layer quantized, no loss), is finite and
     non-negative.
     """
     raw = json.loads(Path(path).read_text())
+    if isinstance(raw, dict) and "orders" in raw:  # eval.quality's output: the lis order's ppl
+        ppl = raw["orders"].get("lis", {}).get("ppl")
+        if not isinstance(ppl, list) or not ppl:
+            raise ValueError(f"{path}: eval.quality output without orders.lis.ppl")
+        return validate_quality_table([p - ppl[0] for p in ppl], str(path))
     table = raw.get("quality_by_k") if isinstance(raw, dict) else raw
     if not isinstance(table, list):
         raise ValueError(f"{path}: expected a JSON list or an object with a 'quality_by_k' list")

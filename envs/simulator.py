@@ -6,8 +6,10 @@ TTFT under a burst. It follows SGLang 0.5.23's default scheduler (``event_loop_n
 
 - FCFS waiting queue; each iteration first tries to form a prefill batch of up to
   ``chunk_size`` prompt tokens (a prompt longer than the remaining budget is chunked and
-  continued next iteration); admission stops at the first request whose whole prompt does not
-  fit in the free KV minus one token per running decode (SGLang's PrefillAdder stops the same way).
+  continued next iteration). Admission reserves, as SGLang's PrefillAdder does for requests
+  with ``ignore_eos`` (every replayed request), a request's prompt plus all its remaining output
+  tokens; the free KV it is checked against excludes the tokens promised to running decodes.
+  Admission stops at the first request that does not fit (FCFS).
 - Without a prefill batch, one decode step of every running request (one new KV token each).
   When the free KV cannot hold that step, the running request with the fewest output tokens is
   retracted to the front of the queue and later re-prefilled with its generated tokens, as in
@@ -23,10 +25,11 @@ TTFT under a burst. It follows SGLang 0.5.23's default scheduler (``event_loop_n
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from envs.backend import AdvanceResult, RequestRecord
-from envs.calibration import IterationModel
+from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_replica
 from eval.traces import Trace, TraceRequest
 from rl_controller.observation import (
     RATE_WINDOW_S,
@@ -38,16 +41,26 @@ from rl_controller.observation import (
 
 @dataclass(frozen=True)
 class ReplicaConfig:
-    """The simulated replica. Defaults: stories260K in fp32 with a 512-token KV budget, the
-    smallest capacity of the measured table in the SGLang notes (1,280 B/token; one layer in
-    int4 frees ~156 KB = 122 tokens)."""
+    """The simulated replica. Environments take it from the calibration (``from_calibration``:
+    what the engine served while being measured). The defaults are a round stand-in for tests:
+    stories260K in fp32 with a 512-token KV budget (1,280 B/token; one layer in int4 frees
+    ~156 KB = 122 tokens)."""
 
     base_capacity_tokens: int = 512
     tokens_per_layer: int = 122
     num_layers: int = 5
-    chunk_size: int = 512
+    chunk_size: int = 4096
+    """SGLang 0.5.23's ``chunked_prefill_size`` on CPU."""
     ttft_slo_s: float = 0.08
     """5x the ~16 ms unloaded median TTFT measured on the engine (the notes' SLO)."""
+
+    @classmethod
+    def from_calibration(cls, path: str | Path = DEFAULT_CALIBRATION) -> ReplicaConfig:
+        """The replica a calibration file was measured on (``envs.calibrate`` records its KV
+        capacity, layer count and SLO), so the simulator serves what the engine served;
+        fields the file lacks keep the defaults above."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in load_replica(path).items() if k in names})
 
 
 class _Req:
@@ -187,11 +200,13 @@ class Simulator:
             take = min(budget, req.prompt - req.prefilled)
             batch.append((req, take))
             budget -= take
-        reserve = len(self._running)
+        free = self.capacity - self._kv_used - self._promised()
         while budget > 0 and self._waiting:
             req = self._waiting[0]
-            if req.prompt > self.capacity - self._kv_used - reserve:
+            demand = req.prompt + req.trace.output_tokens - req.generated
+            if demand > free:
                 break
+            free -= demand
             self._waiting.popleft()
             self._queued_tokens -= req.prompt
             req.kv = req.prompt
@@ -221,6 +236,15 @@ class Simulator:
             else:
                 self._running.append(req)
         return generated, late
+
+    def _promised(self) -> int:
+        """Decode tokens admission has promised to the admitted requests (their remaining
+        outputs), not yet in ``_kv_used``."""
+        promised = sum(r.trace.output_tokens - r.generated for r in self._running)
+        if self._prefilling is not None:
+            p = self._prefilling
+            promised += p.trace.output_tokens - p.generated
+        return promised
 
     def _make_room_for_decode(self) -> None:
         """Retract running requests until one decode step fits (SGLang's retract_decode)."""
@@ -265,14 +289,20 @@ class Simulator:
         waiting = self._waiting
         oldest = next((r.trace.arrival_s for r in waiting if r.first_token_s is None), self.now)
         capacity = self.capacity
+        # As the runtime reports them (sglang_morph.controller): promised decode tokens count
+        # as used, and the head's demand is its prompt plus its own promised decodes.
+        used = min(capacity, self._kv_used + self._promised())
+        head = waiting[0] if waiting else None
         return LoadSnapshot(
             queue_len=len(waiting),
             queued_prompt_tokens=self._queued_tokens,
-            head_prefill_tokens=waiting[0].prompt if waiting else 0,
+            head_prefill_tokens=(
+                head.prompt + head.trace.output_tokens - head.generated if head else 0
+            ),
             running_reqs=len(self._running) + (self._prefilling is not None),
             kv_capacity_tokens=capacity,
-            kv_used_tokens=self._kv_used,
-            kv_free_tokens=capacity - self._kv_used,
+            kv_used_tokens=used,
+            kv_free_tokens=capacity - used,
             kv_evictable_tokens=0,
             arrival_rate=self._arrivals.rate(self.now),
             oldest_wait_s=self.now - oldest,

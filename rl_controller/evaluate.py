@@ -122,9 +122,12 @@ def env_from_metadata(
     trace: str | None = None,
     time_scale: float | None = None,
     calibration: IterationModel | None = None,
+    backend: str = "simulator",
+    tick_s: float | None = None,
 ) -> MorphEnv:
     """The environment a checkpoint was trained in (or a variant: other trace, load, engine
-    timing), on ``windows`` (default: the checkpoint's evaluation windows)."""
+    timing, the real engine as backend, another tick), on ``windows`` (default: the
+    checkpoint's evaluation windows)."""
     scale = meta["time_scale"] if time_scale is None else time_scale
     prepared = prepare_trace(trace or meta["trace"], LengthMapping(**meta["length_mapping"]), scale)
     return MorphEnv(
@@ -134,7 +137,8 @@ def env_from_metadata(
         replica=ReplicaConfig(**meta["replica"]),
         quality_table=meta["quality_table"],
         weights=RewardWeights(**meta["reward_weights"]),
-        tick_s=meta["tick_s"],
+        tick_s=meta["tick_s"] if tick_s is None else tick_s,
+        backend=backend,
         action_mode="target",
     )
 
@@ -174,14 +178,21 @@ def print_results(results: list[PolicyResult], title: str, console: Console) -> 
     console.print(table)
 
 
-def print_latency(latency: dict[str, dict[str, float]], console: Console) -> None:
-    """Decision latency against the decode iteration it delays."""
-    table = Table(title=f"decision latency (share of a {DECODE_ITERATION_S * 1e3:g} ms decode)")
-    for column in ("controller", "mean us", "p99 us", "mean share"):
+def print_latency(
+    latency: dict[str, dict[str, float]], console: Console, calibrated_decode_s: float
+) -> None:
+    """Decision latency against the decode iteration it delays: the uncontended 6-ms step of
+    the SGLang notes (the strict bound) and the calibration's batch-1 decode."""
+    table = Table(title="decision latency per tick")
+    for column in ("controller", "mean us", "p99 us", f"mean / {DECODE_ITERATION_S * 1e3:g} ms",
+                   f"p99 / {DECODE_ITERATION_S * 1e3:g} ms",
+                   f"mean / {calibrated_decode_s * 1e3:.1f} ms (calibrated)"):
         table.add_column(column, justify="left" if column == "controller" else "right")
     for name, t in latency.items():
         table.add_row(name, f"{t['mean_s'] * 1e6:.1f}", f"{t['p99_s'] * 1e6:.1f}",
-                      f"{t['mean_s'] / DECODE_ITERATION_S:.3%}")
+                      f"{t['mean_s'] / DECODE_ITERATION_S:.3%}",
+                      f"{t['p99_s'] / DECODE_ITERATION_S:.3%}",
+                      f"{t['mean_s'] / calibrated_decode_s:.3%}")
     console.print(table)
 
 
@@ -218,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     latency = decision_latency(
         {"heuristic": HeuristicPolicy(), "rl": rl, "rl+fallback": FallbackPolicy(rl)}, snapshots
     )
-    print_latency(latency, console)
+    engine = calibration or IterationModel(**meta["calibration"])
+    print_latency(latency, console, engine.iteration_s(0, 1, 0))
 
 
 if __name__ == "__main__":

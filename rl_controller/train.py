@@ -65,7 +65,11 @@ class Args:
     train_frac: float = _arg(0.7, "windows inside this leading fraction of the trace train")
     tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)")
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
-    quality: str = _arg("", "quality-by-k JSON (envs.reward); empty = documented default")
+    quality: str = _arg("", "quality-by-k JSON or eval.quality output (envs.reward); empty = "
+                        "documented default")
+    profile: str = _arg("checkpoints/profiles/stories260K-int4.json",
+                        "layer-importance profile the server quantizes in (recorded; give the "
+                        "server the same --morph-profile)")
     slo_weight: float = _arg(RewardWeights.slo, "reward cost of one SLO violation")
     quality_weight: float = _arg(RewardWeights.quality, "cost of a token at quality delta 1")
     transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     train_windows, eval_windows = split_windows(trace, args.window_s, args.train_frac)
     calibration = load_calibration(args.calibration)
     quality = load_quality_table(args.quality) if args.quality else DEFAULT_QUALITY_TABLE
-    replica = ReplicaConfig()
+    replica = ReplicaConfig.from_calibration(args.calibration)
     weights = RewardWeights(args.slo_weight, args.quality_weight, args.transition_weight)
     console.print(f"{trace.name}: {len(train_windows)} training windows, {len(eval_windows)} "
                   f"held out, time scale {args.time_scale:g}; calibration: {calibration.source}")
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         "tick_s": args.tick_s,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
+        "profile": args.profile,
+        "layer_order": json.loads(Path(args.profile).read_text()).get("layer_order"),
         "quality_table": list(quality),
         "quality_source": args.quality or "envs.reward.DEFAULT_QUALITY_TABLE",
         "reward_weights": asdict(weights),

@@ -9,8 +9,9 @@ from gymnasium.utils.env_checker import check_env
 
 import envs  # noqa: F401  (registers MorphServe-v0)
 from envs.backend import AdvanceResult
+from envs.calibration import load_replica
 from envs.morph_env import MorphEnv, split_windows
-from envs.reward import RewardWeights
+from envs.reward import RewardWeights, load_quality_table
 from eval.traces import Trace, TraceRequest
 from rl_controller.observation import LoadSnapshot
 
@@ -122,11 +123,25 @@ class ConstantBackend:
         return AdvanceResult(self.snap, (), 10, 1, 0)
 
 
-def test_custom_backend_plugs_in_and_engine_is_not_wired() -> None:
+def test_custom_backend_plugs_in() -> None:
     backend = ConstantBackend()
     env = make_env(backend=backend, action_mode="target")
     env.reset()
     _, reward, *_ = env.step(0)
     assert backend.targets == [0] and reward == pytest.approx(-1.0)
-    with pytest.raises(NotImplementedError, match="ServingBackend"):
-        make_env(backend="engine")
+    with pytest.raises(ValueError, match="accepted: simulator, engine"):
+        make_env(backend="gpu")
+
+
+def test_replica_comes_from_the_calibration() -> None:
+    env = make_env()
+    measured = load_replica()
+    assert env.replica.base_capacity_tokens == measured["base_capacity_tokens"]
+    assert env.replica.tokens_per_layer == measured["tokens_per_layer"]
+    assert env.replica.ttft_slo_s == pytest.approx(measured["ttft_slo_s"])
+
+
+def test_quality_table_from_eval_quality_output(tmp_path) -> None:
+    path = tmp_path / "q.json"
+    path.write_text('{"orders": {"lis": {"ppl": [3.5, 3.6, 3.75]}, "random": {"ppl": [0]}}}')
+    assert load_quality_table(path) == pytest.approx((0.0, 0.1, 0.25))

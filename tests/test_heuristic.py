@@ -7,7 +7,9 @@ import time
 
 import pytest
 
+from envs.calibration import IterationModel
 from envs.morph_env import MorphEnv
+from envs.simulator import ReplicaConfig
 from eval.traces import Trace, TraceRequest
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
@@ -55,9 +57,15 @@ def trace_of(rates: list[tuple[float, float, float]], prompt: int, output: int) 
                  {"span_s": span})
 
 
+# A fixed, uncontended engine (the SGLang notes' decode steps: 6 ms at batch 1, +0.8 ms per
+# request), so these cases test the rule and not whatever the shared CPU measured last.
+ENGINE = IterationModel(0.0048, 3e-5, 0.0008, 0.0002, 0.002, source="test")
+
+
 def replay(trace: Trace, policy) -> list[int]:
     """Quantized-layer count after every tick."""
-    env = MorphEnv(trace, [(0.0, trace.duration_s)], tick_s=TICK_S, action_mode="target")
+    env = MorphEnv(trace, [(0.0, trace.duration_s)], tick_s=TICK_S, action_mode="target",
+                   calibration=ENGINE, replica=ReplicaConfig())
     env.reset(seed=0)
     layers, done = [], False
     while not done:

@@ -160,3 +160,17 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     assert max(e for _, e in meta["train_windows"]) <= min(s for s, _ in meta["eval_windows"])
     assert [r["policy"] for r in meta["eval"]] == ["rl", "heuristic", "always-0", "always-L"]
     RLPolicy.load(out)
+
+
+def test_shipped_checkpoint_loads_and_never_trained_on_its_evaluation_windows() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "checkpoints" / "morph-ppo.zip"
+    rl = RLPolicy.load(shipped)
+    meta = rl.meta
+    for key in ("obs_version", "profile", "layer_order", "trace", "time_scale", "train_frac",
+                "reward_weights", "quality_table", "calibration", "replica", "eval"):
+        assert key in meta, key
+    assert meta["obs_version"] == OBS_VERSION and shipped.with_suffix(".png").is_file()
+    last_train = max(end for _, end in meta["train_windows"])
+    assert last_train <= min(start for start, _ in meta["eval_windows"])
+    assert len(meta["quality_table"]) == meta["num_layers"] + 1
+    assert all(rl.decide(s) in range(6) for s in snapshots())

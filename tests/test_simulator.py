@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from envs.calibration import IterationModel
+from envs.calibration import IterationModel, IterationSample, fit_iteration_model
 from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import Trace, TraceRequest
 
@@ -67,10 +69,29 @@ def test_swap_stall_delays_requests() -> None:
     assert rec.ttft_s == pytest.approx(5 * SWAP + BASE + 100 * PER_TOKEN + 5 * PER_LAYER)
 
 
+def test_admission_reserves_the_remaining_outputs() -> None:
+    """SGLang admits a request (ignore_eos) only if its prompt and whole output fit beside the
+    outputs promised to running requests: B (150 tokens) waits although 412 slots are free."""
+    sim = Simulator(MODEL)
+    run(sim, window((0.0, 100, 300), (0.0, 100, 50)), ticks=80)
+    a, b = sim.records
+    prefill, decode = BASE + 100 * PER_TOKEN, BASE + PER_DECODE
+    assert a.e2e_s == pytest.approx(prefill + 299 * decode)
+    assert b.ttft_s == pytest.approx(a.e2e_s + prefill)
+
+
+def test_snapshot_counts_promised_tokens_as_used() -> None:
+    sim = Simulator(MODEL)
+    sim.reset(window((0.0, 100, 300)))
+    sim.advance(0.01, 0)  # the prefill: 100 tokens held, 299 promised
+    snap = sim.snapshot()
+    assert snap.kv_used_tokens == 399 and snap.kv_free_tokens == 512 - 399
+
+
 def test_unsafe_restore_is_refused() -> None:
     sim = Simulator(MODEL)
-    sim.reset(window((0.0, 300, 150), (0.0, 300, 150)))
-    sim.advance(0.05, 2)
+    sim.reset(window((0.0, 300, 150), (0.0, 300, 150), (0.0, 300, 150)))
+    sim.advance(0.2, 5)  # 512 + 610 tokens: two requests admitted, 600 prompt tokens held
     assert sim.snapshot().kv_used_tokens > 512
     with pytest.raises(ValueError, match="unsafe restore"):
         sim.advance(0.05, 0)
@@ -97,3 +118,31 @@ def test_late_requests_counted_once() -> None:
 def test_oversized_request_rejected() -> None:
     with pytest.raises(ValueError, match="LengthMapping"):
         Simulator(MODEL).reset(window((0.0, 500, 100)))
+
+
+def samples_of(model: IterationModel) -> list[IterationSample]:
+    rows = [(p, d, k) for p in (0, 50, 200) for d in (0, 1, 4, 9) for k in (0, 2, 5)
+            if (p == 0) != (d == 0)]
+    return [IterationSample(p + d, p, d, k, model.iteration_s(p, d, k)) for p, d, k in rows]
+
+
+def test_calibration_fit_recovers_exact_coefficients() -> None:
+    fitted, report = fit_iteration_model(samples_of(MODEL), MODEL, [(1, 0.002), (2, 0.004)], "t")
+    for name in ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(MODEL, name), rel=1e-4)
+    assert fitted.swap_s_per_layer == pytest.approx(0.002)
+    assert report["level_scale"] == pytest.approx(1.0) and report["clamped_to_zero"] == []
+
+
+def test_calibration_fit_keeps_shape_from_median_and_total_time() -> None:
+    samples = samples_of(MODEL)
+    spiked = [dataclasses.replace(s, forward_s=s.forward_s * 10) if i % 7 == 0 else s
+              for i, s in enumerate(samples)]
+    fitted, report = fit_iteration_model(spiked, MODEL, [], "t")
+    total = sum(fitted.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers)
+                for s in spiked)
+    assert total == pytest.approx(sum(s.forward_s for s in spiked), rel=1e-6)
+    scale = report["level_scale"]
+    assert scale > 1.5  # the spikes' cost is kept, as one factor on the median shape
+    assert fitted.per_decode_req_s / scale == pytest.approx(PER_DECODE, rel=0.05)
+    assert fitted.base_s / scale == pytest.approx(BASE, rel=0.05)

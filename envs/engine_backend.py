@@ -1,0 +1,241 @@
+"""The real-engine backend of ``MorphServe-v0``: a live SGLang server with the morph runtime.
+
+The simulator is only trusted as far as it matches this backend, so both implement the same
+``envs.backend.ServingBackend``: ``reset(window)`` replays the window's requests open-loop with
+``eval.replay``'s client (the same streaming client ``eval.run`` uses) in a background thread,
+and ``advance(dt, target)`` sets the int4 layer count through ``POST /morph/swap`` (the first
+``target`` layers of the server's importance order), waits until ``dt`` more seconds of the
+replay have passed, and reads the next ``LoadSnapshot`` from ``GET /morph/state``. The server
+runs ``--morph-policy manual``, in which the runtime computes the observation every tick without
+acting on it (``last_observation``), so the snapshot is exactly what a policy would get in
+serving. Ticks are wall-clock: an episode takes as long as its window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+
+from envs.backend import AdvanceResult, RequestRecord
+from eval.replay import Replayer, prompt_ids, usable_token_ids
+from eval.replay import RequestRecord as ReplayRecord
+from eval.traces import Trace
+from rl_controller.observation import LoadSnapshot
+
+DEFAULT_BUDGET = "2023168"
+"""The budget the shipped calibration was measured at (704 fp KV tokens), so that a default
+engine backend serves the replica the simulator models."""
+
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles" / (
+    "stories260K-int4.json"
+)
+"""Layer-importance profile of the shipped policy (its quality table follows this order)."""
+
+_SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(LoadSnapshot))
+
+
+class EngineError(RuntimeError):
+    """The server refused a command or did not reach the requested state."""
+
+
+class EngineBackend:
+    """``ServingBackend`` over a real sglang-morph server in manual mode.
+
+    Pass ``url`` to drive a server that is already running (``--morph-policy manual``), or
+    leave it out to start one (``sglang_morph.server_process.Server``, with ``budget`` and the
+    layer order of ``profile``) that ``close`` stops.
+    ``ttft_slo_s`` must be the SLO the policy is judged by; a started server gets it as
+    ``--morph-ttft-slo`` so that the observation's ``oldest_wait / slo`` means the same.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        ttft_slo_s: float,
+        budget: str = DEFAULT_BUDGET,
+        profile: str | Path | None = DEFAULT_PROFILE,
+        server_args: Sequence[str] = (),
+        model_path: str | None = None,
+        seed: int = 0,
+        idle_timeout_s: float = 120.0,
+    ) -> None:
+        from sglang_morph.data import resolve_model
+
+        self.ttft_slo_s = ttft_slo_s
+        self.seed = seed
+        self.idle_timeout_s = idle_timeout_s
+        self._server = None
+        if url is None:
+            from sglang_morph.server_process import Server
+
+            args = ["--morph-policy", "manual", "--morph-memory-budget", budget,
+                    "--morph-ttft-slo", f"{ttft_slo_s:.6f}", *server_args]
+            if profile is not None:
+                args += ["--morph-profile", str(profile)]
+            self._server = Server(args)
+            url = self._server.url
+        self.url = url.rstrip("/")
+        self.vocab = usable_token_ids(resolve_model(model_path))
+        state = self.state()
+        if state.get("policy") != "manual":
+            raise EngineError(f"{self.url} runs policy {state.get('policy')!r}; the engine "
+                              "backend needs --morph-policy manual")
+        self.layer_order: list[int] = list(state["layer_order"])
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._records: list[ReplayRecord] = []
+        self._t0 = 0.0
+        self._clock = 0.0
+        self._reported: set[int] = set()
+        self._late: set[int] = set()
+        self._late_reported = 0
+        self._generated = 0
+        self._transitions = 0
+
+    # -- HTTP --
+
+    def state(self) -> dict:
+        """``GET /morph/state``."""
+        r = requests.get(f"{self.url}/morph/state", timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def _swap(self, layers: list[int], fmt: str) -> None:
+        if not layers:
+            return
+        r = requests.post(f"{self.url}/morph/swap", json={"layers": layers, "format": fmt},
+                          timeout=30)
+        if r.status_code != 200:
+            raise EngineError(f"POST /morph/swap {layers} -> {fmt} refused: {r.text}")
+
+    def set_quantized(self, target: int) -> None:
+        """Ask for the first ``target`` layers of the importance order in int4, the rest fp.
+        The runtime applies it at its next tick (a restore waits for its KV to be free)."""
+        want = set(self.layer_order[:target])
+        desired = {layer["id"]: layer["desired"] for layer in self.state()["layers"]}
+        self._swap(sorted(i for i in want if desired[i] == "fp"), "int4")
+        self._swap(sorted(i for i, f in desired.items() if f != "fp" and i not in want), "fp")
+
+    def snapshot(self) -> LoadSnapshot:
+        """The runtime's last observation (taken at its latest tick)."""
+        return self._snapshot(self.state())
+
+    @staticmethod
+    def _snapshot(state: dict) -> LoadSnapshot:
+        obs = state.get("last_observation")
+        if not obs:
+            raise EngineError("the server publishes no last_observation (is it sglang-morph "
+                              "with the manual policy, and has it ticked yet?)")
+        return LoadSnapshot(**{name: obs[name] for name in _SNAPSHOT_FIELDS})
+
+    # -- ServingBackend --
+
+    def reset(self, window: Trace) -> LoadSnapshot:
+        """Stop any replay, restore every layer, wait for an idle server, start ``window``."""
+        self._stop_replay()
+        self.set_quantized(0)
+        deadline = time.monotonic() + self.idle_timeout_s
+        while True:
+            state = self.state()
+            if (state["quantized_layers"] == 0 and state["queue_len"] == 0
+                    and state["running_reqs"] == 0 and state["kv_resize_complete"]):
+                break
+            if time.monotonic() > deadline:
+                raise EngineError(f"server not idle after {self.idle_timeout_s:g} s: {state}")
+            time.sleep(0.1)
+        requests_ = window.requests
+        prompts = [prompt_ids(self.vocab, r.input_tokens, i, self.seed)
+                   for i, r in enumerate(requests_)]
+        replayer = Replayer(self.url, requests_, prompts, progress=False)
+        self._records = replayer.records
+        self._reported, self._late, self._late_reported = set(), set(), 0
+        self._generated, self._transitions, self._clock = 0, state["transitions"], 0.0
+        self._loop = asyncio.new_event_loop()
+        self._t0 = time.perf_counter()
+        self._task = self._loop.create_task(replayer.run(self._t0))
+        self._thread = threading.Thread(target=self._run_loop, name="engine-replay", daemon=True)
+        self._thread.start()
+        return self._snapshot(state)
+
+    def advance(self, dt: float, target_layers: int) -> AdvanceResult:
+        """Request ``target_layers``, let ``dt`` seconds of the replay pass, then report."""
+        if self._thread is None:
+            raise RuntimeError("call reset() before advance()")
+        self.set_quantized(target_layers)
+        self._clock += dt
+        delay = self._t0 + self._clock - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        state = self.state()
+        now = time.perf_counter() - self._t0
+        finished, generated = [], 0
+        for record in list(self._records):
+            generated += record.output_tokens
+            if record.index not in self._late and _late(record, now, self.ttft_slo_s):
+                self._late.add(record.index)
+            if record.index in self._reported or record.e2e_s is None or not record.ok:
+                continue
+            self._reported.add(record.index)
+            finished.append(RequestRecord(record.arrival_s, record.prompt_tokens,
+                                          record.output_tokens, record.ttft_s, record.e2e_s))
+        newly_late, self._late_reported = len(self._late) - self._late_reported, len(self._late)
+        swapped = state["transitions"] - self._transitions
+        self._transitions = state["transitions"]
+        result = AdvanceResult(
+            snapshot=self._snapshot(state),
+            finished=tuple(finished),
+            generated_tokens=generated - self._generated,
+            newly_late=newly_late,
+            swapped_layers=swapped,
+        )
+        self._generated = generated
+        return result
+
+    def _run_loop(self) -> None:
+        """Body of the replay thread; a cancelled replay (a reset mid-window) ends quietly."""
+        assert self._loop is not None and self._task is not None
+        with contextlib.suppress(asyncio.CancelledError):
+            self._loop.run_until_complete(self._task)
+
+    def failed_requests(self) -> list[ReplayRecord]:
+        """Requests of the current window that ended in an error (should be none)."""
+        return [r for r in self._records if r.error is not None]
+
+    def _stop_replay(self) -> None:
+        """Cancel the running replay (its in-flight requests are aborted client-side)."""
+        if self._thread is None or self._loop is None or self._task is None:
+            return
+        loop = self._loop
+        loop.call_soon_threadsafe(lambda: [task.cancel() for task in asyncio.all_tasks(loop)])
+        self._thread.join(timeout=30)
+        # Requests cancelled between sends are not awaited by the replayer: let them finish
+        # their cancellation here, on the now idle loop, before it closes.
+        pending = asyncio.all_tasks(loop)
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+        self._thread = self._loop = self._task = None
+
+    def close(self) -> None:
+        """Stop the replay, and the server if this backend started it."""
+        self._stop_replay()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+def _late(record: ReplayRecord, now: float, slo: float) -> bool:
+    """Whether the request's TTFT is (or is now certain to be) over the SLO."""
+    if record.ttft_s is not None:
+        return record.ttft_s > slo
+    return record.error is None and record.sent_s is not None and now - record.sent_s > slo
+
