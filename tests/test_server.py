@@ -52,7 +52,7 @@ def test_morph_state_comes_from_scheduler(server):
     assert state["transitions"] == 0 and state["fallbacks"] == 0
     for key in ("kv_used_tokens", "budget_bytes", "device_bytes_in_use"):
         assert key in state
-    log = open(server.log.name).read()
+    log = server.log_path.read_text()
     assert "sglang-morph runtime active in scheduler process" in log
 
 
