@@ -50,9 +50,6 @@ _NAN = float("nan")
 _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="")
 """Base of ``--base none``: NaN marks what neither the samples nor a flag supplied."""
 
-DEFAULT_BUDGET = "2023168"
-"""The budget the shipped calibration was measured at: 704 fp KV tokens beside the 1,116,928 B
-of weights SGLang serves (``eval.run``'s default is weights + 768 tokens = 2,099,968 B)."""
 CONCURRENCY = (1, 2, 4, 8, 16)
 OUTPUT_TOKENS = 16
 SLO_MULTIPLE = 5.0
@@ -153,9 +150,12 @@ def drive(url: str, model_path: str, seed: int = 0) -> dict:
     }
 
 
-def _launch_and_drive(budget: str, seed: int) -> dict:
+def _launch_and_drive(budget: str | None, seed: int) -> dict:
     from sglang_morph.data import resolve_model
+    from sglang_morph.memory import default_budget
     from sglang_morph.server_process import Server
+
+    budget = budget or str(default_budget(resolve_model(None)))
 
     console = Console(stderr=True)
     console.print(f"starting a manual-policy server with budget {budget} ...")
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--samples", help="JSON file of iteration samples")
     parser.add_argument("--drive", action="store_true",
                         help="with --server: drive the load first (manual policy needed)")
-    parser.add_argument("--budget", default=DEFAULT_BUDGET, help="memory budget for --launch")
+    parser.add_argument("--budget", default=None, help="memory budget for --launch (default: "
+                        "eval.run's, sglang_morph.memory.default_budget)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the driven prompts")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
     parser.add_argument("--samples-out", help="also save the samples (default with --launch or "

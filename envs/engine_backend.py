@@ -29,10 +29,6 @@ from eval.replay import RequestRecord as ReplayRecord
 from eval.traces import Trace
 from rl_controller.observation import LoadSnapshot
 
-DEFAULT_BUDGET = "2023168"
-"""The budget the shipped calibration was measured at (704 fp KV tokens), so that a default
-engine backend serves the replica the simulator models."""
-
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles" / (
     "stories260K-int4.json"
 )
@@ -60,7 +56,7 @@ class EngineBackend:
         url: str | None = None,
         *,
         ttft_slo_s: float,
-        budget: str = DEFAULT_BUDGET,
+        budget: str | None = None,
         profile: str | Path | None = DEFAULT_PROFILE,
         server_args: Sequence[str] = (),
         model_path: str | None = None,
@@ -74,8 +70,10 @@ class EngineBackend:
         self.idle_timeout_s = idle_timeout_s
         self._server = None
         if url is None:
+            from sglang_morph.memory import default_budget
             from sglang_morph.server_process import Server
 
+            budget = budget or str(default_budget(resolve_model(model_path)))
             args = ["--morph-policy", "manual", "--morph-memory-budget", budget,
                     "--morph-ttft-slo", f"{ttft_slo_s:.6f}", *server_args]
             if profile is not None:

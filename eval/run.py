@@ -47,6 +47,7 @@ from eval.traces import (
 )
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, parse_bytes
 from sglang_morph.data import resolve_model
+from sglang_morph.memory import DEFAULT_FP_KV_TOKENS, default_budget
 from sglang_morph.model_info import ModelInfo, read_model_info
 from sglang_morph.server_process import Server, ServerError
 
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fp-kv-tokens",
         type=int,
-        default=768,
-        help="KV tokens the default budget gives the fp model (default: 768)",
+        default=DEFAULT_FP_KV_TOKENS,
+        help=f"KV tokens the default budget gives the fp model (default: {DEFAULT_FP_KV_TOKENS})",
     )
     p.add_argument("--slo-ttft", type=float, default=None, help="TTFT SLO in seconds")
     p.add_argument("--slo-tpot", type=float, default=None, help="TPOT SLO in seconds")
@@ -259,13 +260,15 @@ def _shape_trace(args: argparse.Namespace) -> Trace:
     return map_lengths(scale_time(trace, args.time_scale), mapping)
 
 
-def _budget(args: argparse.Namespace, info: ModelInfo, longest: int) -> tuple[int, str]:
+def _budget(
+    args: argparse.Namespace, model_path: str, info: ModelInfo, longest: int
+) -> tuple[int, str]:
     """The shared memory budget in bytes and how it was chosen; it must hold the longest
     request in fp, or fp would fail requests rather than queue them."""
     if args.budget is None:
         if args.fp_kv_tokens <= 0:
             raise UsageError("--fp-kv-tokens must be positive")
-        budget = info.weight_bytes + args.fp_kv_tokens * info.kv_bytes_per_token
+        budget = default_budget(model_path, args.fp_kv_tokens)
         how = (
             f"fp weights {info.weight_bytes} B + {args.fp_kv_tokens} KV tokens x "
             f"{info.kv_bytes_per_token} B"
@@ -314,7 +317,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             f"the length mapping makes requests of up to {longest} tokens, more than the "
             f"model's {context}-token context; lower --input-max/--output-max"
         )
-    budget, how = _budget(args, info, longest)
+    budget, how = _budget(args, model_path, info, longest)
     vocab = usable_token_ids(model_path)
     prompts = [
         prompt_ids(vocab, r.input_tokens, i, args.seed) for i, r in enumerate(trace.requests)

@@ -11,6 +11,17 @@ from dataclasses import dataclass
 from sglang_morph.config import MorphConfig
 from sglang_morph.model_info import read_model_info
 
+DEFAULT_FP_KV_TOKENS = 768
+"""KV tokens the default budget gives the full-precision model: with stories260K's ~100-token
+prompts, about seven requests at once, so a burst queues in fp (the pressure morphing relieves)."""
+
+
+def default_budget(model_path: str, fp_kv_tokens: int = DEFAULT_FP_KV_TOKENS) -> int:
+    """The budget shared by the evaluation, the calibration and the engine environment: the
+    weights as SGLang serves them plus ``fp_kv_tokens`` of full-precision KV."""
+    info = read_model_info(model_path)
+    return info.weight_bytes + fp_kv_tokens * info.kv_bytes_per_token
+
 
 class BudgetError(ValueError):
     """A memory budget too small to serve the model."""
