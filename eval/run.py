@@ -3,8 +3,9 @@
 Every system (fp, static-int8, static-int4, morph-heuristic, morph-rl) is served in turn with
 the same model and the same memory budget, and receives the same requests (same arrival
 times, same prompt token ids). All input is checked before the first server starts, so a typo
-costs seconds, not a half-finished run. With no arguments it runs a short demo (the burstiest
-60 s of azure-code at real time, fp / static-int4 / morph-heuristic, a few minutes on CPU).
+costs seconds, not a half-finished run. With no arguments it runs a short demo (the first 20 s
+of azure-code's burstiest minute at time scale 0.25, fp / static-int4 / morph-heuristic, a few
+minutes on CPU).
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ from sglang_morph.model_info import ModelInfo, read_model_info
 from sglang_morph.server_process import Server, ServerError
 
 DEMO_SYSTEMS = "fp,static-int4,morph-heuristic"
+DEMO_WINDOW = (569.0, 589.0)
+"""The demo's window of azure-code: the first 20 s of its burstiest minute (569-629 s), a burst
+of about 25 requests/s that then halves. At time scale 0.25 it is 80 s per system, long enough
+for full precision to queue and for a morphing server to quantize and restore."""
 CALIBRATION_REQUESTS = 5
 CALIBRATION_MIN_OUTPUT = 16
 """Probe requests decode at least this many tokens, so their TPOT is not a 1-2 gap estimate."""
@@ -101,14 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="LENGTH_S",
-        help="replay the LENGTH_S-second window with the most arrivals "
-        "(default when no --window: 60)",
+        help="replay the LENGTH_S-second window with the most arrivals (default when no "
+        "--window: 60; for azure-code with neither option the demo window "
+        f"{DEMO_WINDOW[0]:g}:{DEMO_WINDOW[1]:g})",
     )
     p.add_argument(
         "--time-scale",
         type=float,
-        default=1.0,
-        help="speed-up: arrival times are divided by it (default: 1)",
+        default=0.25,
+        help="speed-up: arrival times are divided by it (default: 0.25, a load at which "
+        "stories260K on a 2-core CPU queues in full precision)",
     )
     d = LengthMapping()
     for side in ("input", "output"):
@@ -244,8 +251,12 @@ def _check_options(args: argparse.Namespace) -> list[str]:
 def _shape_trace(args: argparse.Namespace) -> Trace:
     """Load, window (source seconds), speed up, then map lengths: the order reports state."""
     trace = load_trace(args.trace, args.trace_format, args.data_dir)
-    window = _parse_window(args.window) if args.window else None
-    window = window or burstiest_window(trace, args.burstiest or 60.0)
+    if args.window:
+        window = _parse_window(args.window)
+    elif args.burstiest is None and args.trace == "azure-code":
+        window = DEMO_WINDOW
+    else:
+        window = burstiest_window(trace, args.burstiest or 60.0)
     trace = select_window(trace, *window)
     if not trace.requests:
         raise UsageError(f"window {window[0]:g}:{window[1]:g} s holds no requests")

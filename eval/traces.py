@@ -70,13 +70,16 @@ class LengthMapping:
     """How production token counts are shrunk to fit a small model's context.
 
     Each length becomes ``clip(round(x / div), min, max)``. The defaults keep
-    ``input_max + output_max = 450`` inside stories260K's 512-token context.
+    ``input_max + output_max = 450`` inside stories260K's 512-token context. Prompts shrink 16x
+    (Azure's are ~1,000-1,500 tokens) while outputs keep their production length (clipped): the
+    decode phase is what holds KV for long, so shrinking it would turn a KV-bound burst into a
+    prefill-bound one, which is not the regime MorphServe addresses.
     """
 
     input_div: float = 16
     input_min: int = 8
     input_max: int = 300
-    output_div: float = 4
+    output_div: float = 1
     output_min: int = 4
     output_max: int = 150
 

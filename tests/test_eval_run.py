@@ -383,7 +383,7 @@ def test_end_to_end_against_real_servers(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "eval.run", "--trace", "azure-code", "--window", "0:20",
-        "--systems", "fp,static-int4", "--out", str(out), "--port", "31590",
+        "--time-scale", "1", "--systems", "fp,static-int4", "--out", str(out), "--port", "31590",
         "--request-timeout", "60",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)

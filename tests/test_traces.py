@@ -156,9 +156,10 @@ def test_map_lengths_clips_and_is_deterministic() -> None:
         (TraceRequest(0.0, 16 * 20, 4 * 7), TraceRequest(1.0, 1, 100000)),
         {"time_scale": 1.0},
     )
-    mapped = map_lengths(trace, LengthMapping())
+    mapping = LengthMapping(output_div=4)
+    mapped = map_lengths(trace, mapping)
     assert [(r.input_tokens, r.output_tokens) for r in mapped.requests] == [(20, 7), (8, 150)]
-    assert mapped == map_lengths(trace, LengthMapping())
+    assert mapped == map_lengths(trace, mapping)
     assert mapped.meta["length_mapping"]["input_div"] == 16
     assert trace.meta.get("length_mapping") is None
     with pytest.raises(TraceError):
