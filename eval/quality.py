@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS
+from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS, add_quant_args
 from sglang_morph.data import DEFAULT_MODEL, resolve, resolve_model
 from sglang_morph.hf_model import (
     ActScales,
@@ -346,10 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m eval.quality", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model-path", default=None, help="HF model dir (default: stories260K)")
-    parser.add_argument("--format", default="int4", choices=QUANTIZED_FORMATS)
-    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES)
-    parser.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS)
+    add_quant_args(parser)
     parser.add_argument("--profile", default=None, help="profile JSON (default: compute one)")
     parser.add_argument("--seeds", type=int, default=5, help="random orders to average")
     parser.add_argument(

@@ -7,6 +7,7 @@ Without that variable the plugin stays passive and SGLang runs unchanged.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -100,3 +101,12 @@ def _one_of(flag: str, value: object, accepted: tuple) -> None:
         raise ValueError(
             f"invalid value {value!r} for {flag}; accepted: {', '.join(map(str, accepted))}"
         )
+
+
+def add_quant_args(parser: argparse.ArgumentParser) -> None:
+    """The model and quantization options shared by the offline tools (profile, quality), so
+    both accept the same names, defaults and choices as the server's ``--morph-*`` options."""
+    parser.add_argument("--model-path", default=None, help="HF model dir (default: stories260K)")
+    parser.add_argument("--format", default="int4", choices=QUANTIZED_FORMATS)
+    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES)
+    parser.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS)

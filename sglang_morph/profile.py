@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 
-from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS
+from sglang_morph.config import QUANTIZED_FORMATS, add_quant_args
 from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.hf_model import (
     SGLANG_LINEAR_GROUPS,
@@ -265,10 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sglang_morph.profile", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model-path", default=None, help="HF model dir (default: stories260K)")
-    parser.add_argument("--format", default="int4", choices=QUANTIZED_FORMATS)
-    parser.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES)
-    parser.add_argument("--quant-method", default="rtn", choices=QUANT_METHODS)
+    add_quant_args(parser)
     parser.add_argument(
         "--calibration",
         default=None,

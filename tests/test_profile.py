@@ -28,14 +28,7 @@ a rainbow filled the sky. The cat jumped down and ran outside to play in the war
 FAST = {"token_counts": (1, 8), "latency_repeats": 2, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the model is tiny, so a second thread only adds synchronisation,
-    and on a loaded machine OpenMP's spin-waits make it several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

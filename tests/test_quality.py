@@ -15,15 +15,7 @@ from sglang_morph.data import resolve_model
 from sglang_morph.hf_model import TokenText, load_model, load_tokenizer, tokenize_stories
 from sglang_morph.profile import build_profile
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the model is tiny, so a second thread only adds synchronisation,
-    and on a loaded machine OpenMP's spin-waits make it several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

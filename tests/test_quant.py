@@ -21,14 +21,7 @@ from sglang_morph.quant.quantize import fake_quantize, unpack_int4_codes
 SHAPES = [(128, 64), (64, 64), (344, 64), (64, 172), (7, 13), (100, 300)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the model is tiny, so a second thread only adds synchronisation,
-    and on a loaded machine OpenMP's spin-waits make it several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
