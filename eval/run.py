@@ -48,7 +48,7 @@ from eval.traces import (
 )
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, parse_bytes
 from sglang_morph.data import resolve_model
-from sglang_morph.memory import DEFAULT_FP_KV_TOKENS, default_budget
+from sglang_morph.memory import DEFAULT_FP_KV_TOKENS
 from sglang_morph.model_info import ModelInfo, read_model_info
 from sglang_morph.server_process import Server, ServerError
 
@@ -271,15 +271,13 @@ def _shape_trace(args: argparse.Namespace) -> Trace:
     return map_lengths(scale_time(trace, args.time_scale), mapping)
 
 
-def _budget(
-    args: argparse.Namespace, model_path: str, info: ModelInfo, longest: int
-) -> tuple[int, str]:
+def _budget(args: argparse.Namespace, info: ModelInfo, longest: int) -> tuple[int, str]:
     """The shared memory budget in bytes and how it was chosen; it must hold the longest
     request in fp, or fp would fail requests rather than queue them."""
     if args.budget is None:
         if args.fp_kv_tokens <= 0:
             raise UsageError("--fp-kv-tokens must be positive")
-        budget = default_budget(model_path, args.fp_kv_tokens)
+        budget = info.budget_bytes(args.fp_kv_tokens)
         how = (
             f"fp weights {info.weight_bytes} B + {args.fp_kv_tokens} KV tokens x "
             f"{info.kv_bytes_per_token} B"
@@ -328,7 +326,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
             f"the length mapping makes requests of up to {longest} tokens, more than the "
             f"model's {context}-token context; lower --input-max/--output-max"
         )
-    budget, how = _budget(args, model_path, info, longest)
+    budget, how = _budget(args, info, longest)
     vocab = usable_token_ids(model_path)
     prompts = [
         prompt_ids(vocab, r.input_tokens, i, args.seed) for i, r in enumerate(trace.requests)

@@ -25,6 +25,7 @@ from sglang_morph.config import (
     parse_bytes,
 )
 from sglang_morph.data import AssetNotFoundError, resolve_model
+from sglang_morph.model_info import serving_device
 
 CPU_FLAGS = {
     "--device": "cpu",
@@ -170,13 +171,6 @@ def _check_awq_profile(cfg: MorphConfig) -> None:
         )
 
 
-def cuda_available() -> bool:
-    """Whether SGLang will run on a CUDA device (the CPU flags are needed otherwise)."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
     """Split and complete the command line: the morph configuration and SGLang's argv.
 
@@ -217,7 +211,7 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
     _set(sg, "--model-path", model)
     if not _has(sg, "--host"):
         sg += ["--host", "127.0.0.1"]
-    if not cuda_available():
+    if serving_device() != "cuda":
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
         for flag, value in CPU_FLAGS.items():
             if not _has(sg, flag):

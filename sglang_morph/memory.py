@@ -19,8 +19,7 @@ prompts, about seven requests at once, so a burst queues in fp (the pressure mor
 def default_budget(model_path: str, fp_kv_tokens: int = DEFAULT_FP_KV_TOKENS) -> int:
     """The budget shared by the evaluation, the calibration and the engine environment: the
     weights as SGLang serves them plus ``fp_kv_tokens`` of full-precision KV."""
-    info = read_model_info(model_path)
-    return info.weight_bytes + fp_kv_tokens * info.kv_bytes_per_token
+    return read_model_info(model_path).budget_bytes(fp_kv_tokens)
 
 
 class BudgetError(ValueError):

@@ -33,6 +33,10 @@ class ModelInfo:
     def weight_bytes(self) -> int:
         return self.num_params * self.dtype_bytes
 
+    def budget_bytes(self, fp_kv_tokens: int) -> int:
+        """A memory budget that leaves exactly ``fp_kv_tokens`` of KV to full precision."""
+        return self.weight_bytes + fp_kv_tokens * self.kv_bytes_per_token
+
 
 def _safetensors_params(path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
