@@ -1,31 +1,38 @@
 """``python -m envs.calibrate``: measure the real engine and fit the simulator to it.
 
-Three sources of iteration samples (one scheduler forward each, from ``GET /morph/iterations``):
+Three sources of iteration samples (one scheduler-loop pass each, ``GET /morph/iterations``):
 
 - ``--launch``: start a real sglang-morph server (manual policy, ``--budget``), drive it (below),
   read its samples, stop it. This is how ``envs/calibrations/stories260K-cpu.json`` is made.
 - ``--server URL [--drive]``: a server that is already running, driven first with ``--drive``.
 - ``--samples FILE``: a JSON file of samples saved earlier (``--samples-out`` writes one).
 
-Driving: for k = 0..L quantized layers (int4, one more layer per step in the server's importance
-order, so each step also times one swap), rounds of 1, 2, 4, 8 and 16 concurrent requests of
-random prompt lengths. That varies prefill batch sizes, decode batch sizes and k independently,
-which is what the linear model of ``envs.calibration`` needs to identify each coefficient. The
-driver also records the replica the simulator must reproduce (KV capacity at each k, layer
-count) and the unloaded TTFT, of which 5x is the TTFT SLO (``eval.run``'s default rule).
+Driving: two replays from the trace's training part (``--trace``, ``--time-scale``, the default
+length mapping), each at k = 0 and at k = L quantized layers (int4, stepping one layer at a time
+in the server's importance order, which times each swap): the training window with the most
+requests (``--window-s``, the unit training and evaluation use) and the burstiest ``--burst-s``
+seconds (a burst far past capacity). They go through ``eval.replay``'s streaming client while
+/morph/state is read every ``eval.servers.STATE_POLL_S``, as in evaluation: arrivals spread over
+time, every token streamed through the detokenizer, tokenizer manager and HTTP on the same two
+cores. Synthetic rounds of non-streamed concurrent requests measured a loop 1.1x the forward
+where replays see 1.3x, and put the held-out window's P95 TTFT at a sixth of the engine's. The
+two loads are both needed: a linear model fitted to either alone misses the busy time of the
+held-out busiest window by 20-30% (in opposite directions), fitted to both by 4%. The driver
+also records the replica the simulator must reproduce (KV capacity at each k, layer count) and
+the unloaded TTFT, of which 5x is the TTFT SLO (``eval.run``'s default rule).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +42,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from envs.calibration import (
+    COEFFICIENTS,
     DEFAULT_CALIBRATION,
     CalibrationError,
     IterationModel,
@@ -43,15 +51,25 @@ from envs.calibration import (
     parse_samples,
     save_calibration,
 )
-from eval.replay import measure_unloaded, prompt_ids, usable_token_ids
-from eval.traces import LengthMapping, load_trace, map_lengths
+from envs.morph_env import TRAIN_FRAC, split_windows
+from eval.replay import Replayer, measure_unloaded, prompt_ids, usable_token_ids
+from eval.servers import poll_state
+from eval.traces import (
+    LengthMapping,
+    Trace,
+    TraceError,
+    burstiest_window,
+    load_trace,
+    map_lengths,
+    scale_time,
+    select_window,
+)
 
 _NAN = float("nan")
-_UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="")
+_UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_NAN,
+                          per_context_token_s=_NAN)
 """Base of ``--base none``: NaN marks what neither the samples nor a flag supplied."""
 
-CONCURRENCY = (1, 2, 4, 8, 16)
-OUTPUT_TOKENS = 16
 SLO_MULTIPLE = 5.0
 """TTFT SLO = this multiple of the unloaded median TTFT, as ``eval.run`` sets it by default."""
 
@@ -84,47 +102,70 @@ def _swap_one(url: str, layer: int, fmt: str, expect: int) -> tuple[dict, float]
     raise CalibrationError(f"layer {layer} did not reach {fmt} within 30 s")
 
 
-def _round(url: str, vocab: np.ndarray, lengths: list[int], seed: int) -> None:
-    """Send ``len(lengths)`` requests at once and wait for all (errors abort calibration)."""
-
-    def one(i: int) -> None:
-        body = {"input_ids": prompt_ids(vocab, lengths[i], i, seed),
-                "sampling_params": {"max_new_tokens": OUTPUT_TOKENS, "ignore_eos": True,
-                                    "temperature": 0.0}}
-        r = requests.post(f"{url}/generate", json=body, timeout=600)
-        r.raise_for_status()
-
-    with ThreadPoolExecutor(len(lengths)) as pool:
-        list(pool.map(one, range(len(lengths))))
+def _replay(url: str, vocab: np.ndarray, load: Trace, seed: int) -> None:
+    """Replay ``load`` open-loop through ``eval.replay``'s streaming client and wait for
+    every request (a failed one aborts calibration). Prompts are seeded per call, so no replay
+    hits the radix cache of an earlier one."""
+    prompts = [prompt_ids(vocab, r.input_tokens, i, seed) for i, r in enumerate(load.requests)]
+    records = asyncio.run(_observed(Replayer(url, load.requests, prompts, progress=False)))
+    failed = [r for r in records if not r.ok]
+    if failed:
+        raise CalibrationError(f"{len(failed)} of {len(records)} replayed requests failed, "
+                               f"first: {failed[0].error}")
 
 
-def drive(url: str, model_path: str, seed: int = 0) -> dict:
-    """Load the server at every k and concurrency (see the module docstring); returns the
-    samples file's content: iterations recorded meanwhile, swap stalls, replica, SLO."""
+async def _observed(replayer: Replayer) -> list:
+    """Run the replay while reading /morph/state as the harness and the engine environment do
+    (``STATE_POLL_S``): each read costs the scheduler loop several ms, which the simulator must
+    include to match them."""
+    poller = asyncio.create_task(poll_state(replayer.base_url, time.perf_counter(), []))
+    try:
+        return await replayer.run()
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+
+
+def drive_loads(
+    trace: Trace, window_s: float, burst_s: float, train_frac: float = TRAIN_FRAC
+) -> list[Trace]:
+    """What the drive replays, all from the trace's training part (calibration never replays
+    held-out seconds): the training window (``envs.morph_env.split_windows``) with the most
+    requests, and the burstiest ``burst_s`` seconds, a burst far past capacity."""
+    train, _ = split_windows(trace, window_s, train_frac)
+    window = max((select_window(trace, *w) for w in train), key=lambda t: len(t.requests))
+    part = select_window(trace, 0.0, trace.duration_s * train_frac)
+    return [window, select_window(part, *burstiest_window(part, burst_s))]
+
+
+def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
+    """Replay each of ``loads`` with no layer and with every layer in int4, stepping one layer
+    at a time in between (see the module docstring); returns the samples file's content:
+    iterations recorded meanwhile, swap stalls, replica, SLO."""
     vocab = usable_token_ids(model_path)
-    rng = np.random.default_rng(seed)
     state = _state(url)
     order, num_layers = state["layer_order"], len(state["layers"])
     if state["quantized_layers"]:
         raise CalibrationError("start the drive from a server with every layer in fp")
-    trace = map_lengths(load_trace("azure-code"), LengthMapping())
-    median_in = int(statistics.median(r.input_tokens for r in trace.requests))
-    median_out = max(2, int(statistics.median(r.output_tokens for r in trace.requests)))
+    median_in = int(statistics.median(r.input_tokens for r in loads[0].requests))
+    median_out = max(2, int(statistics.median(r.output_tokens for r in loads[0].requests)))
     ttft, tpot = asyncio.run(measure_unloaded(url, vocab, median_in, median_out))
     before = len(_iterations(url))
     swaps, capacity = [], [int(state["kv_capacity_tokens"])]
-    round_seed = 1000 * seed
     with Progress(console=Console(stderr=True)) as bar:
-        task = bar.add_task("driving the engine", total=(num_layers + 1) * len(CONCURRENCY))
-        for k in range(num_layers + 1):
-            if k:
-                state, stall = _swap_one(url, order[k - 1], "int4", k)
-                swaps.append({"layers": 1, "seconds": stall, "direction": "quantize"})
-                capacity.append(int(state["kv_capacity_tokens"]))
-            for n in CONCURRENCY:
-                round_seed += 1
-                _round(url, vocab, rng.integers(8, 240, n).tolist(), round_seed)
-                bar.advance(task)
+        task = bar.add_task(f"replaying {' + '.join(str(len(t.requests)) for t in loads)} "
+                            f"requests at k = 0 and {num_layers}", total=2 * len(loads))
+        for i, load in enumerate(loads):
+            _replay(url, vocab, load, 1000 * seed + i)
+            bar.advance(task)
+        for k in range(1, num_layers + 1):
+            state, stall = _swap_one(url, order[k - 1], "int4", k)
+            swaps.append({"layers": 1, "seconds": stall, "direction": "quantize"})
+            capacity.append(int(state["kv_capacity_tokens"]))
+        for i, load in enumerate(loads):
+            _replay(url, vocab, load, 1000 * seed + len(loads) + i)
+            bar.advance(task)
         for k in range(num_layers, 0, -1):
             _, stall = _swap_one(url, order[k - 1], "fp", k - 1)
             swaps.append({"layers": 1, "seconds": stall, "direction": "restore"})
@@ -133,6 +174,7 @@ def drive(url: str, model_path: str, seed: int = 0) -> dict:
     return {
         "note": f"measured by envs.calibrate at {time.strftime('%Y-%m-%d %H:%M')}"
         f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
+        "drive": [load.meta for load in loads],
         "iterations": iterations,
         "swaps": swaps,
         "replica": {
@@ -145,12 +187,13 @@ def drive(url: str, model_path: str, seed: int = 0) -> dict:
             "ttft_slo_s": SLO_MULTIPLE * ttft,
             "unloaded_ttft_s": ttft,
             "unloaded_tpot_s": tpot,
-            "unloaded_probe": f"{median_in} in / {median_out} out tokens (azure-code medians)",
+            "unloaded_prefill_tokens": median_in,
+            "unloaded_probe": f"{median_in} in / {median_out} out tokens (medians of the window)",
         },
     }
 
 
-def _launch_and_drive(budget: str | None, seed: int) -> dict:
+def _launch_and_drive(budget: str | None, loads: list[Trace], seed: int) -> dict:
     from sglang_morph.data import resolve_model
     from sglang_morph.memory import default_budget
     from sglang_morph.server_process import Server
@@ -161,7 +204,7 @@ def _launch_and_drive(budget: str | None, seed: int) -> dict:
     console.print(f"starting a manual-policy server with budget {budget} ...")
     server = Server(["--morph-policy", "manual", "--morph-memory-budget", budget])
     try:
-        return drive(server.url, resolve_model(None), seed)
+        return drive(server.url, resolve_model(None), loads, seed)
     finally:
         server.stop()
 
@@ -180,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", default=None, help="memory budget for --launch (default: "
                         "eval.run's, sglang_morph.memory.default_budget)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the driven prompts")
+    parser.add_argument("--trace", default="azure-code", help="trace whose training part drives "
+                        "the engine (default: azure-code)")
+    parser.add_argument("--time-scale", type=float, default=0.25,
+                        help="speed-up of the driving trace, as in training and eval.run "
+                        "(default: 0.25)")
+    parser.add_argument("--window-s", type=float, default=60.0,
+                        help="length of the training windows, as in training (default: 60)")
+    parser.add_argument("--burst-s", type=float, default=30.0,
+                        help="length of the burst slice (default: 30)")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
     parser.add_argument("--samples-out", help="also save the samples (default with --launch or "
                         "--drive: OUT with -samples.json)")
@@ -192,13 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap-s-per-layer", type=float)
     args = parser.parse_args(argv)
     try:
+        if args.launch or args.drive:
+            trace = scale_time(map_lengths(load_trace(args.trace), LengthMapping()),
+                               args.time_scale)
+            loads = drive_loads(trace, args.window_s, args.burst_s)
         if args.launch:
-            raw, where = _launch_and_drive(args.budget, args.seed), "measured: --launch"
+            raw, where = _launch_and_drive(args.budget, loads, args.seed), "measured: --launch"
         elif args.server and args.drive:
             from sglang_morph.data import resolve_model
 
             url = args.server.rstrip("/")
-            raw, where = drive(url, resolve_model(None), args.seed), f"measured: {url}"
+            raw, where = drive(url, resolve_model(None), loads, args.seed), f"measured: {url}"
         elif args.server:
             url = args.server.rstrip("/") + "/morph/iterations"
             raw, where = requests.get(url, timeout=30).json(), f"measured: {url}"
@@ -218,22 +274,24 @@ def main(argv: list[str] | None = None) -> int:
         }
         fallback = replace(fallback, **{k: v for k, v in overrides.items() if v is not None})
         samples, swaps = parse_samples(raw)
-        model, report = fit_iteration_model(samples, fallback, swaps, args.source or where)
+        replica = raw.get("replica") if isinstance(raw, dict) else None
+        unloaded = ((int(replica["unloaded_prefill_tokens"]), float(replica["unloaded_ttft_s"]))
+                    if replica and "unloaded_prefill_tokens" in replica else None)
+        model, report = fit_iteration_model(samples, fallback, swaps, args.source or where,
+                                            unloaded)
         unknown = [n for n in report["from_fallback"] if math.isnan(getattr(model, n))]
         if unknown:
             raise CalibrationError(
                 f"the samples cannot identify {', '.join(unknown)}; give them with flags or --base"
             )
-    except (CalibrationError, OSError, ValueError, requests.RequestException) as err:
+    except (CalibrationError, TraceError, OSError, ValueError, requests.RequestException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if isinstance(raw, dict) and "note" in raw:
         report["samples_note"] = raw["note"]
-    replica = raw.get("replica") if isinstance(raw, dict) else None
     save_calibration(model, report, args.out, replica)
     print(f"source: {model.source}")
-    for name in ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s",
-                 "swap_s_per_layer"):
+    for name in (*COEFFICIENTS, "swap_s_per_layer", "response_s"):
         origin = ("from --base or flag" if name in report["from_fallback"] else
                   "fitted negative, clamped to 0" if name in report["clamped_to_zero"] else
                   "fitted")

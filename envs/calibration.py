@@ -1,10 +1,16 @@
-"""Iteration-time model of one SGLang replica, fitted to forward times measured on the engine.
+"""Iteration-time model of one SGLang replica, fitted to iterations measured on the engine.
 
 The simulator is only as good as its iteration times, so they come from the real engine: the
 runtime records one sample per scheduler iteration (served at ``GET /morph/iterations``) and
 ``python -m envs.calibrate`` fits this linear model to them. A linear model in prefill tokens,
 decode requests and quantized layers is enough at this scale (the measured decode steps are
 within ~10% of a line) and keeps the simulator's inner loop to one dot product.
+
+What is fitted is the whole scheduler-loop pass (``loop_s``: tick, scheduling, forward, sending
+results, receiving requests), not the forward alone: on the 2-core CPU the rest of the loop adds
+about half again, and queueing under a burst is very sensitive to it. The time a request spends
+outside the loop (HTTP, tokenizer manager, detokenizer, the client) is ``response_s``, added to
+every first token.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ import numpy as np
 CALIBRATION_DIR = Path(__file__).resolve().parent / "calibrations"
 DEFAULT_CALIBRATION = CALIBRATION_DIR / "stories260K-cpu.json"
 
-SAMPLE_FIELDS = ("batch_tokens", "prefill_tokens", "decode_reqs", "quantized_layers", "forward_s")
-COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s")
+SAMPLE_FIELDS = ("batch_tokens", "prefill_tokens", "decode_reqs", "quantized_layers",
+                 "context_tokens", "loop_s")
+COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s",
+                "per_context_token_s")
 
 
 class CalibrationError(ValueError):
@@ -29,19 +37,23 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class IterationSample:
-    """One measured scheduler iteration (forward pass) of the engine."""
+    """One measured scheduler iteration of the engine (``loop_s``: the whole loop pass)."""
 
     batch_tokens: int
     prefill_tokens: int
     decode_reqs: int
     quantized_layers: int
-    forward_s: float
+    loop_s: float
+    context_tokens: int = 0
+    """Sum of the batch's sequence lengths (attention reads every one of them)."""
 
 
 @dataclass(frozen=True)
 class IterationModel:
-    """forward_s = base + a * prefill_tokens + b * decode_reqs + c * quantized_layers, and a
-    fixed stall of ``swap_s_per_layer`` per layer quantized or restored."""
+    """loop_s = base + a * prefill_tokens + b * decode_reqs + c * quantized_layers
+    + d * context_tokens, a fixed stall of ``swap_s_per_layer`` per layer quantized or
+    restored, and ``response_s`` between a first token leaving the scheduler and reaching the
+    client."""
 
     base_s: float
     per_prefill_token_s: float
@@ -50,14 +62,26 @@ class IterationModel:
     swap_s_per_layer: float
     source: str
     """Where the numbers come from (measured on which engine, or estimated from what)."""
+    response_s: float = 0.0
+    """Unloaded TTFT minus the modelled iteration of its prefill: the request's way through
+    HTTP, the tokenizer manager and the detokenizer."""
+    per_context_token_s: float = 0.0
+    """Attention reads the whole context: a decode step of long sequences costs more than one
+    of short ones (the held-out burst's decode steps, longer than the calibration's, took a
+    third more time at the same batch size)."""
 
-    def iteration_s(self, prefill_tokens: int, decode_reqs: int, quantized_layers: int) -> float:
-        """Seconds of one scheduler iteration with this batch."""
+    def iteration_s(
+        self, prefill_tokens: int, decode_reqs: int, quantized_layers: int,
+        context_tokens: int = 0,
+    ) -> float:
+        """Seconds of one scheduler iteration with this batch (``context_tokens``: the sum of
+        its sequence lengths, new tokens included)."""
         return (
             self.base_s
             + self.per_prefill_token_s * prefill_tokens
             + self.per_decode_req_s * decode_reqs
             + self.per_quantized_layer_s * quantized_layers
+            + self.per_context_token_s * context_tokens
         )
 
 
@@ -84,10 +108,11 @@ def parse_samples(raw: object) -> tuple[list[IterationSample], list[tuple[int, f
             int(item["prefill_tokens"]),
             int(item["decode_reqs"]),
             int(item["quantized_layers"]),
-            float(item["forward_s"]),
+            float(item["loop_s"]),
+            int(item["context_tokens"]),
         )
-        if not (math.isfinite(sample.forward_s) and sample.forward_s > 0):
-            raise CalibrationError(f"iteration sample {i}: forward_s must be positive: {item!r}")
+        if not (math.isfinite(sample.loop_s) and sample.loop_s > 0):
+            raise CalibrationError(f"iteration sample {i}: loop_s must be positive: {item!r}")
         samples.append(sample)
     swaps = []
     for i, item in enumerate(raw.get("swaps", [])):
@@ -105,6 +130,7 @@ def fit_iteration_model(
     fallback: IterationModel,
     swaps: list[tuple[int, float]],
     source: str,
+    unloaded: tuple[int, float] | None = None,
 ) -> tuple[IterationModel, dict]:
     """Least-absolute-deviations fit of the coefficients the samples can identify; the rest
     from fallback.
@@ -120,16 +146,20 @@ def fit_iteration_model(
     A coefficient is identifiable when its column varies in the samples (e.g. samples taken with
     no layer quantized say nothing about ``per_quantized_layer_s``). Coefficients are kept
     non-negative by fixing a negative one to 0 and refitting (listed as ``clamped_to_zero``).
+    ``unloaded`` is (prompt tokens, median TTFT) of requests sent one at a time to the idle
+    engine: what of that TTFT the fitted iteration does not explain is ``response_s`` (without
+    it, the fallback's).
     Returns the model and a fit report (which coefficients were fitted, clamped or taken from
     the fallback, R^2, max relative error) for the calibration file.
     """
     if len(samples) < 2:
         raise CalibrationError(f"need at least 2 iteration samples to fit, got {len(samples)}")
-    y = np.array([s.forward_s for s in samples])
+    y = np.array([s.loop_s for s in samples])
     columns = {
         "per_prefill_token_s": np.array([s.prefill_tokens for s in samples], dtype=float),
         "per_decode_req_s": np.array([s.decode_reqs for s in samples], dtype=float),
         "per_quantized_layer_s": np.array([s.quantized_layers for s in samples], dtype=float),
+        "per_context_token_s": np.array([s.context_tokens for s in samples], dtype=float),
     }
     coef = {name: getattr(fallback, name) for name in COEFFICIENTS}
     free = [name for name, col in columns.items() if np.ptp(col) > 0]
@@ -150,18 +180,25 @@ def fit_iteration_model(
     # The median iteration sets the shape; the level is scaled so that the model's total time
     # over the samples equals the measured total: throughput, which sets queueing, is kept.
     shape = IterationModel(**coef, swap_s_per_layer=0.0, source="")
-    modelled = sum(shape.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers)
-                   for s in samples)
+    modelled = sum(shape.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers,
+                                     s.context_tokens) for s in samples)
     level = float(y.sum() / modelled) if modelled > 0 else 1.0
     coef = {name: value * level for name, value in coef.items()}
     swap_s = sum(s for _, s in swaps) / sum(n for n, _ in swaps) if swaps else None
+    response_s = fallback.response_s
+    if unloaded is not None:
+        prompt_tokens, ttft_s = unloaded
+        response_s = max(0.0, ttft_s - IterationModel(**coef, swap_s_per_layer=0.0, source="")
+                         .iteration_s(prompt_tokens, 0, 0, prompt_tokens))
     model = IterationModel(
         **coef,
         swap_s_per_layer=fallback.swap_s_per_layer if swap_s is None else swap_s,
         source=source,
+        response_s=response_s,
     )
     predicted = np.array(
-        [model.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers) for s in samples]
+        [model.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers, s.context_tokens)
+         for s in samples]
     )
     residual = y - predicted
     total = float(np.sum((y - y.mean()) ** 2))
@@ -170,7 +207,8 @@ def fit_iteration_model(
         "fitted": ["base_s", *free],
         "clamped_to_zero": clamped,
         "from_fallback": [n for n in COEFFICIENTS if n not in ("base_s", *free, *clamped)]
-        + ([] if swap_s is not None else ["swap_s_per_layer"]),
+        + ([] if swap_s is not None else ["swap_s_per_layer"])
+        + ([] if unloaded is not None else ["response_s"]),
         "method": "least absolute deviations (IRLS), scaled to the measured total time",
         "level_scale": level,
         "r2": 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0,

@@ -82,6 +82,7 @@ class EngineBackend:
             url = self._server.url
         self.url = url.rstrip("/")
         self.vocab = usable_token_ids(resolve_model(model_path))
+        self._desired: dict[int, str] = {}
         state = self.state()
         if state.get("policy") != "manual":
             raise EngineError(f"{self.url} runs policy {state.get('policy')!r}; the engine "
@@ -102,10 +103,14 @@ class EngineBackend:
     # -- HTTP --
 
     def state(self) -> dict:
-        """``GET /morph/state``."""
+        """``GET /morph/state`` (and remember the layers' desired formats)."""
         r = requests.get(f"{self.url}/morph/state", timeout=30)
         r.raise_for_status()
-        return r.json()
+        return self._remember(r.json())
+
+    def _remember(self, state: dict) -> dict:
+        self._desired = {layer["id"]: layer["desired"] for layer in state["layers"]}
+        return state
 
     def _swap(self, layers: list[int], fmt: str) -> None:
         if not layers:
@@ -114,12 +119,17 @@ class EngineBackend:
                           timeout=30)
         if r.status_code != 200:
             raise EngineError(f"POST /morph/swap {layers} -> {fmt} refused: {r.text}")
+        self._remember(r.json()["state"])
 
     def set_quantized(self, target: int) -> None:
         """Ask for the first ``target`` layers of the importance order in int4, the rest fp.
-        The runtime applies it at its next tick (a restore waits for its KV to be free)."""
+        The runtime applies it at its next tick (a restore waits for its KV to be free).
+
+        The layers' desired formats come from the last state read (this backend is the only
+        one commanding the manual-policy server), not a new read: each read costs the
+        scheduler loop several ms, and one per tick is what the simulator is calibrated with."""
         want = set(self.layer_order[:target])
-        desired = {layer["id"]: layer["desired"] for layer in self.state()["layers"]}
+        desired = self._desired
         self._swap(sorted(i for i in want if desired[i] == "fp"), "int4")
         self._swap(sorted(i for i, f in desired.items() if f != "fp" and i not in want), "fp")
 
@@ -140,6 +150,7 @@ class EngineBackend:
     def reset(self, window: Trace) -> LoadSnapshot:
         """Stop any replay, restore every layer, wait for an idle server, start ``window``."""
         self._stop_replay()
+        self.state()
         self.set_quantized(0)
         deadline = time.monotonic() + self.idle_timeout_s
         while True:

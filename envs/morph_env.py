@@ -45,6 +45,10 @@ def prepare_trace(name_or_path: str, mapping: LengthMapping, time_scale: float) 
     return scale_time(map_lengths(load_trace(name_or_path), mapping), time_scale)
 
 
+TRAIN_FRAC = 0.7
+"""Default share of a trace (its leading part) that training, and calibration, may replay."""
+
+
 def split_windows(
     trace: Trace, window_s: float, train_frac: float
 ) -> tuple[list[Window], list[Window]]:

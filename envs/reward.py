@@ -28,14 +28,17 @@ with a profiled table (``--quality`` / ``load_quality_table``)."""
 class RewardWeights:
     """Prices of the three costs, in units of one SLO violation.
 
-    The default quality weight makes serving 100 tokens with every layer in int4 (ppl +0.54)
-    cost about half a violation, so quantizing pays off when it saves a late request per ~200
-    tokens served, i.e. under a burst and not at steady load. A swap costs a twentieth of a
-    violation: enough to discourage churn, small next to one late request.
+    With the measured int4 table (``docs/figures/quality-int4.json``: ppl +0.29 with all five
+    layers in int4), the default quality weight makes 100 tokens served with every layer in int4
+    cost 1.4 violations, so quantizing pays off when it saves a late request per ~70 tokens
+    served: under a burst, not at steady load. Lower weights (0.01-0.04) trained policies with
+    fewer violations than the heuristic but a higher quality cost; 0.05 gives fewer of both
+    (docs/controller.md). A swap costs a twentieth of a violation: enough to discourage churn,
+    small next to one late request.
     """
 
     slo: float = 1.0
-    quality: float = 0.01
+    quality: float = 0.05
     transition: float = 0.05
 
 

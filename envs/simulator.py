@@ -18,8 +18,10 @@ TTFT under a burst. It follows SGLang 0.5.23's default scheduler (``event_loop_n
   it is freed when it finishes. No prefix sharing: trace requests share no tokens, so the radix
   cache holds nothing evictable here (``kv_evictable_tokens`` is always 0).
 - KV capacity = ``base_capacity_tokens + quantized_layers * tokens_per_layer``.
-- Iteration time from a calibrated ``IterationModel``; a transition stalls the engine for
-  ``swap_s_per_layer`` per layer swapped.
+- Iteration time (the whole scheduler-loop pass) from a calibrated ``IterationModel``; a
+  transition stalls the engine for ``swap_s_per_layer`` per layer swapped. A token reaches the
+  client ``response_s`` after its iteration (HTTP, tokenizer manager, detokenizer): TTFTs and
+  end-to-end times include it.
 """
 
 from __future__ import annotations
@@ -170,12 +172,14 @@ class Simulator:
         batch = self._form_prefill_batch()
         if batch:
             tokens = sum(take for _, take in batch)
-            self.now += self.model.iteration_s(tokens, 0, self.quantized_layers)
+            context = sum(req.prefilled + take for req, take in batch)
+            self.now += self.model.iteration_s(tokens, 0, self.quantized_layers, context)
             return self._finish_prefills(batch)
         if self._running:
             self._make_room_for_decode()
             running = self._running
-            self.now += self.model.iteration_s(0, len(running), self.quantized_layers)
+            context = sum(req.kv for req in running) + len(running)
+            self.now += self.model.iteration_s(0, len(running), self.quantized_layers, context)
             self._kv_used += len(running)
             still = []
             for req in running:
@@ -227,8 +231,9 @@ class Simulator:
             generated += 1
             req.generated += 1
             if req.first_token_s is None:
-                req.first_token_s = self.now
-                if not req.late and self.now - req.trace.arrival_s > self.config.ttft_slo_s:
+                req.first_token_s = self.now + self.model.response_s
+                ttft = req.first_token_s - req.trace.arrival_s
+                if not req.late and ttft > self.config.ttft_slo_s:
                     req.late = True
                     late += 1
             if req.generated >= req.trace.output_tokens:
@@ -266,13 +271,13 @@ class Simulator:
         self.records.append(
             RequestRecord(
                 t.arrival_s, t.input_tokens, t.output_tokens,
-                req.first_token_s - t.arrival_s, self.now - t.arrival_s,
+                req.first_token_s - t.arrival_s, self.now + self.model.response_s - t.arrival_s,
             )
         )
 
     def _mark_waiting_late(self) -> int:
-        """Count requests still without a first token whose wait passed the SLO."""
-        deadline = self.now - self.config.ttft_slo_s
+        """Count requests still without a first token that can no longer meet the SLO."""
+        deadline = self.now + self.model.response_s - self.config.ttft_slo_s
         late = 0
         waiting = list(self._waiting)
         if self._prefilling is not None:

@@ -98,7 +98,15 @@ def timeline_row(t: float, state: dict) -> dict:
     return row
 
 
-async def poll_state(base_url: str, t0: float, sink: list[dict], interval_s: float = 0.25) -> None:
+STATE_POLL_S = 0.25
+"""How often the harness reads /morph/state. Each read runs in the scheduler loop (SGLang's
+get_internal_state) and costs it several ms on the 2-core CPU, so this is part of the load every
+measured system carries; ``envs.calibrate`` reads at the same rate while it measures."""
+
+
+async def poll_state(
+    base_url: str, t0: float, sink: list[dict], interval_s: float = STATE_POLL_S
+) -> None:
     """Append a timeline row to ``sink`` every ``interval_s`` until cancelled.
 
     Samples that fail (server busy past the timeout, no morph runtime) are skipped: a gap in

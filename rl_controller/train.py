@@ -1,7 +1,7 @@
 """Train the morph controller with PPO in the simulator (CleanRL style: one file, top to bottom).
 
     python -m rl_controller.train --trace azure-code --timesteps 200000 \\
-        --out checkpoints/morph-ppo.zip --seed 1 --n-envs 4 --window-s 60 --time-scale 1
+        --out checkpoints/morph-ppo.zip --seed 1 --n-envs 4 --window-s 60 --time-scale 0.25
 
 The trace is cut into consecutive windows; windows in the first ``--train-frac`` of it train, the
 rest are held out and only used for the final evaluation. Writes NAME.zip (SB3 PPO), NAME.json
@@ -33,7 +33,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm import TqdmExperimentalWarning
 
 from envs.calibration import DEFAULT_CALIBRATION, load_calibration
-from envs.morph_env import MorphEnv, prepare_trace, split_windows
+from envs.morph_env import TRAIN_FRAC, MorphEnv, prepare_trace, split_windows
 from envs.reward import DEFAULT_QUALITY_TABLE, RewardWeights, load_quality_table
 from envs.simulator import ReplicaConfig
 from eval.traces import LengthMapping
@@ -61,8 +61,9 @@ class Args:
     seed: int = _arg(1, "seed of PPO, the networks and the window choice")
     n_envs: int = _arg(4, "simulator environments stepped together")
     window_s: float = _arg(60.0, "episode length: one window of the trace")
-    time_scale: float = _arg(1.0, "trace speed-up (eval.traces.scale_time); 1 = real time")
-    train_frac: float = _arg(0.7, "windows inside this leading fraction of the trace train")
+    time_scale: float = _arg(0.25, "trace speed-up (eval.traces.scale_time); 1 = real time, "
+                             "0.25 = the load eval.run and envs.calibrate use")
+    train_frac: float = _arg(TRAIN_FRAC, "windows inside this leading fraction of the trace train")
     tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)")
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
     quality: str = _arg("", "quality-by-k JSON or eval.quality output (envs.reward); empty = "
@@ -73,7 +74,8 @@ class Args:
     slo_weight: float = _arg(RewardWeights.slo, "reward cost of one SLO violation")
     quality_weight: float = _arg(RewardWeights.quality, "cost of a token at quality delta 1")
     transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
-    learning_rate: float = _arg(3e-4, "Adam step size")
+    learning_rate: float = _arg(1e-4, "Adam step size (small: PPO refines the cloned "
+                                "heuristic rather than leaving it)")
     bc_epochs: int = _arg(30, "epochs of behaviour cloning of the heuristic (0 = none)")
     bc_learning_rate: float = _arg(1e-3, "Adam step size of the cloning")
     n_steps: int = _arg(512, "rollout ticks per environment between updates")

@@ -69,6 +69,7 @@ def _after_scheduler_init(result, scheduler, *args, **kwargs) -> None:
 def _around_next_batch(original, scheduler, *args, **kwargs):
     """The safe tick: nothing is in flight at the entry of get_next_batch_to_run."""
     if _runtime is not None:
+        _runtime.iterations.loop_pass(time.perf_counter())
         _runtime.guarded(_runtime.tick)
     return original(scheduler, *args, **kwargs)
 
@@ -79,7 +80,7 @@ def _around_run_batch(original, scheduler, batch, *args, **kwargs):
         return original(scheduler, batch, *args, **kwargs)
     start = time.perf_counter()
     result = original(scheduler, batch, *args, **kwargs)
-    _runtime.record_iteration(batch, time.perf_counter() - start)
+    _runtime.record_iteration(batch, start, time.perf_counter() - start)
     return result
 
 

@@ -192,8 +192,8 @@ class MorphRuntime:
 
     # -- hooks from the scheduler --
 
-    def record_iteration(self, batch, forward_s: float) -> None:
-        self.iterations.record(batch, forward_s, self.quantized_layers())
+    def record_iteration(self, batch, start_s: float, forward_s: float) -> None:
+        self.iterations.record(batch, start_s, forward_s, self.quantized_layers())
 
     def on_arrival(self) -> None:
         self.arrivals.append(time.perf_counter())

@@ -35,6 +35,16 @@ def test_single_request_closed_form() -> None:
     assert rec.tpot_s == pytest.approx(decode, abs=1e-12)
 
 
+def test_response_time_delays_what_the_client_sees_not_the_schedule() -> None:
+    response = 0.02
+    sim = Simulator(dataclasses.replace(MODEL, response_s=response))
+    run(sim, window((0.1, 100, 5), (0.1, 100, 5)))
+    prefill, decode = BASE + 200 * PER_TOKEN, BASE + 2 * PER_DECODE
+    for rec in sim.records:  # one batch of both prompts, decoded together as without it
+        assert rec.ttft_s == pytest.approx(prefill + response, abs=1e-12)
+        assert rec.e2e_s == pytest.approx(prefill + 4 * decode + response, abs=1e-12)
+
+
 def test_chunked_prefill_closed_form() -> None:
     sim = Simulator(MODEL, ReplicaConfig(chunk_size=128))
     run(sim, window((0.0, 300, 1)))
@@ -127,21 +137,25 @@ def samples_of(model: IterationModel) -> list[IterationSample]:
 
 
 def test_calibration_fit_recovers_exact_coefficients() -> None:
-    fitted, report = fit_iteration_model(samples_of(MODEL), MODEL, [(1, 0.002), (2, 0.004)], "t")
+    unloaded_ttft = MODEL.iteration_s(92, 0, 0) + 0.019
+    fitted, report = fit_iteration_model(samples_of(MODEL), MODEL, [(1, 0.002), (2, 0.004)], "t",
+                                         unloaded=(92, unloaded_ttft))
     for name in ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s"):
         assert getattr(fitted, name) == pytest.approx(getattr(MODEL, name), rel=1e-4)
     assert fitted.swap_s_per_layer == pytest.approx(0.002)
+    assert fitted.response_s == pytest.approx(0.019, rel=1e-3)
     assert report["level_scale"] == pytest.approx(1.0) and report["clamped_to_zero"] == []
+    assert "response_s" not in report["from_fallback"]
 
 
 def test_calibration_fit_keeps_shape_from_median_and_total_time() -> None:
     samples = samples_of(MODEL)
-    spiked = [dataclasses.replace(s, forward_s=s.forward_s * 10) if i % 7 == 0 else s
+    spiked = [dataclasses.replace(s, loop_s=s.loop_s * 10) if i % 7 == 0 else s
               for i, s in enumerate(samples)]
     fitted, report = fit_iteration_model(spiked, MODEL, [], "t")
     total = sum(fitted.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers)
                 for s in spiked)
-    assert total == pytest.approx(sum(s.forward_s for s in spiked), rel=1e-6)
+    assert total == pytest.approx(sum(s.loop_s for s in spiked), rel=1e-6)
     scale = report["level_scale"]
     assert scale > 1.5  # the spikes' cost is kept, as one factor on the median shape
     assert fitted.per_decode_req_s / scale == pytest.approx(PER_DECODE, rel=0.05)
