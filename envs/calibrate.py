@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.launch or args.drive or args.samples_out:
             samples_out = Path(args.samples_out or str(Path(args.out).with_suffix("")) +
                                "-samples.json")
-            samples_out.write_text(json.dumps(raw, indent=1) + "\n")
+            samples_out.write_text(json.dumps(raw, separators=(",", ":")) + "\n")
             where += f" (samples saved in {samples_out.name})"
         fallback = _UNKNOWN if args.base == "none" else load_calibration(args.base)
         overrides = {

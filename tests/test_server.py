@@ -56,6 +56,22 @@ def test_morph_state_comes_from_scheduler(server):
     assert "sglang-morph runtime active in scheduler process" in log
 
 
+def test_iteration_log_times_whole_loop_passes(server):
+    before = len(server.get("/morph/iterations", params={"limit": 100_000}).json())
+    server.post("/generate", {"input_ids": list(range(5, 45)),
+                              "sampling_params": {"max_new_tokens": 12, "ignore_eos": True}})
+    records = server.get("/morph/iterations", params={"limit": 100_000}).json()[before:]
+    prefill = [r for r in records if r["prefill_tokens"]]
+    decode = [r for r in records if r["decode_reqs"]]
+    assert [r["prefill_tokens"] for r in prefill] == [40] and prefill[0]["context_tokens"] == 40
+    # 11 decode steps of the one request, its sequence one token longer at each.
+    assert [r["context_tokens"] for r in decode] == list(range(41, 52))
+    for r in records:  # a loop pass holds its forward and the scheduling around it
+        assert 0 < r["forward_s"] < r["loop_s"] < 5
+    for r, after in zip(records, records[1:]):
+        assert after["start_s"] >= r["start_s"] + r["forward_s"]
+
+
 def test_swap_refused_when_policy_off(server):
     r = server.post("/morph/swap", {"layers": [0], "format": "int4"})
     assert r.status_code == 409

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
-from envs.calibration import IterationModel, IterationSample, fit_iteration_model
+from envs.calibration import (
+    COEFFICIENTS,
+    DEFAULT_CALIBRATION,
+    IterationModel,
+    IterationSample,
+    fit_iteration_model,
+    load_calibration,
+    parse_samples,
+)
 from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import Trace, TraceRequest
 
@@ -43,6 +52,18 @@ def test_response_time_delays_what_the_client_sees_not_the_schedule() -> None:
     for rec in sim.records:  # one batch of both prompts, decoded together as without it
         assert rec.ttft_s == pytest.approx(prefill + response, abs=1e-12)
         assert rec.e2e_s == pytest.approx(prefill + 4 * decode + response, abs=1e-12)
+
+
+def test_context_cost_counts_sequence_lengths_as_sglang_does() -> None:
+    per_ctx = 1e-5
+    sim = Simulator(dataclasses.replace(MODEL, per_context_token_s=per_ctx))
+    run(sim, window((0.1, 100, 5)))
+    (rec,) = sim.records
+    prefill = BASE + 100 * PER_TOKEN + 100 * per_ctx
+    # decode steps see sequences of 101..104 tokens (prompt + tokens so far, the new one too)
+    decodes = 4 * (BASE + PER_DECODE) + (101 + 102 + 103 + 104) * per_ctx
+    assert rec.ttft_s == pytest.approx(prefill, abs=1e-12)
+    assert rec.e2e_s == pytest.approx(prefill + decodes, abs=1e-12)
 
 
 def test_chunked_prefill_closed_form() -> None:
@@ -131,17 +152,20 @@ def test_oversized_request_rejected() -> None:
 
 
 def samples_of(model: IterationModel) -> list[IterationSample]:
-    rows = [(p, d, k) for p in (0, 50, 200) for d in (0, 1, 4, 9) for k in (0, 2, 5)
-            if (p == 0) != (d == 0)]
-    return [IterationSample(p + d, p, d, k, model.iteration_s(p, d, k)) for p, d, k in rows]
+    rows = [(p, d, k, c) for p in (0, 50, 200) for d in (0, 1, 4, 9) for k in (0, 2, 5)
+            for c in (p + 40 * d, p + 300 * d) if (p == 0) != (d == 0)]
+    return [IterationSample(p + d, p, d, k, model.iteration_s(p, d, k, c), c)
+            for p, d, k, c in rows]
 
 
 def test_calibration_fit_recovers_exact_coefficients() -> None:
-    unloaded_ttft = MODEL.iteration_s(92, 0, 0) + 0.019
-    fitted, report = fit_iteration_model(samples_of(MODEL), MODEL, [(1, 0.002), (2, 0.004)], "t",
+    model = dataclasses.replace(MODEL, per_context_token_s=2e-6)
+    unloaded_ttft = model.iteration_s(92, 0, 0, 92) + 0.019
+    fitted, report = fit_iteration_model(samples_of(model), MODEL, [(1, 0.002), (2, 0.004)], "t",
                                          unloaded=(92, unloaded_ttft))
-    for name in ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s"):
-        assert getattr(fitted, name) == pytest.approx(getattr(MODEL, name), rel=1e-4)
+    for name in ("base_s", "per_prefill_token_s", "per_decode_req_s", "per_quantized_layer_s",
+                 "per_context_token_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(model, name), rel=1e-4)
     assert fitted.swap_s_per_layer == pytest.approx(0.002)
     assert fitted.response_s == pytest.approx(0.019, rel=1e-3)
     assert report["level_scale"] == pytest.approx(1.0) and report["clamped_to_zero"] == []
@@ -153,10 +177,20 @@ def test_calibration_fit_keeps_shape_from_median_and_total_time() -> None:
     spiked = [dataclasses.replace(s, loop_s=s.loop_s * 10) if i % 7 == 0 else s
               for i, s in enumerate(samples)]
     fitted, report = fit_iteration_model(spiked, MODEL, [], "t")
-    total = sum(fitted.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers)
-                for s in spiked)
+    total = sum(fitted.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers,
+                                   s.context_tokens) for s in spiked)
     assert total == pytest.approx(sum(s.loop_s for s in spiked), rel=1e-6)
     scale = report["level_scale"]
     assert scale > 1.5  # the spikes' cost is kept, as one factor on the median shape
     assert fitted.per_decode_req_s / scale == pytest.approx(PER_DECODE, rel=0.05)
     assert fitted.base_s / scale == pytest.approx(BASE, rel=0.05)
+
+
+def test_shipped_calibration_is_the_fit_of_its_samples() -> None:
+    shipped = load_calibration(DEFAULT_CALIBRATION)
+    raw = json.loads(DEFAULT_CALIBRATION.with_name("stories260K-cpu-samples.json").read_text())
+    samples, swaps = parse_samples(raw)
+    unloaded = (raw["replica"]["unloaded_prefill_tokens"], raw["replica"]["unloaded_ttft_s"])
+    fitted, _ = fit_iteration_model(samples, shipped, swaps, "refit", unloaded)
+    for name in (*COEFFICIENTS, "swap_s_per_layer", "response_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(shipped, name), rel=1e-9, abs=1e-15)
