@@ -277,6 +277,7 @@ class MorphRuntime:
                 entry["bytes_by_format"] = {f: slot.bytes_of(f) for f in ("fp", *slot.copies)}
             layers.append(entry)
         stalls = self.swapper.stalls_s if self.swapper is not None else []
+        leads = self.swapper.leads_s if self.swapper is not None else []
         return {
             "enabled": self.cfg.enabled,
             "policy": self.cfg.policy,
@@ -304,6 +305,8 @@ class MorphRuntime:
             "running_reqs": len(s.running_batch.reqs) if s.running_batch is not None else 0,
             "swap_stall_max_s": max(stalls, default=0.0),
             "swap_stall_last_s": stalls[-1] if stalls else 0.0,
+            "swap_lead_median_s": _median(leads),
+            "swap_lead_max_s": max(leads, default=0.0),
             "decode_iteration_median_s": self.iterations.median_decode_s(),
             "kv_resize_last_step_s": self.kv.last_step_s if self.kv else 0.0,
             "kv_limit_tokens": self.kv_limit,

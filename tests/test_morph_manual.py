@@ -91,6 +91,8 @@ def test_swap_then_restore_gives_identical_greedy_output(server):
     assert all(q for q in quantized)
     swap(server, [0, 1, 2, 3, 4], "fp")
     assert [server.generate(p, 40) for p in PROMPTS] == before
+    st = state(server)  # each commit came after its preparation: a lead time is recorded
+    assert 0 < st["swap_lead_median_s"] <= st["swap_lead_max_s"] < 30
 
 
 def test_freed_bytes_become_kv_capacity_and_come_back(server):

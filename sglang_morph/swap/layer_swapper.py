@@ -58,6 +58,7 @@ class LayerSlot:
 class _Job:
     fmt: str
     future: Future
+    submitted_s: float = field(default_factory=time.perf_counter)
 
 
 class LayerSwapper:
@@ -90,6 +91,10 @@ class LayerSwapper:
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self.jobs: dict[int, _Job] = {}
         self.stalls_s: list[float] = []
+        self.leads_s: list[float] = []
+        """Per commit: seconds from the decision (``prepare``) to the commit: the background
+        preparation, then the wait for a tick (and, for a restore, for its KV to be free). The
+        simulator applies a decision at once; this is how late the engine does."""
 
     # -- preparation (background) --
 
@@ -161,6 +166,7 @@ class LayerSwapper:
         _reset_cached_dispatch(slot.module)
         stall = time.perf_counter() - start
         self.stalls_s.append(stall)
+        self.leads_s.append(start - job.submitted_s)
         return stall
 
     # -- accounting --
