@@ -64,6 +64,7 @@ from eval.traces import (
     scale_time,
     select_window,
 )
+from sglang_morph.server_process import read_morph_state
 
 _NAN = float("nan")
 _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_NAN,
@@ -72,12 +73,6 @@ _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_N
 
 SLO_MULTIPLE = 5.0
 """TTFT SLO = this multiple of the unloaded median TTFT, as ``eval.run`` sets it by default."""
-
-
-def _state(url: str) -> dict:
-    r = requests.get(f"{url}/morph/state", timeout=30)
-    r.raise_for_status()
-    return r.json()
 
 
 def _iterations(url: str) -> list[dict]:
@@ -95,7 +90,7 @@ def _swap_one(url: str, layer: int, fmt: str, expect: int) -> tuple[dict, float]
                                "manual)")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        state = _state(url)
+        state = read_morph_state(url)
         if state["quantized_layers"] == expect and state["kv_resize_complete"]:
             return state, float(state["swap_stall_last_s"])
         time.sleep(0.05)
@@ -144,7 +139,7 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
     at a time in between (see the module docstring); returns the samples file's content:
     iterations recorded meanwhile, swap stalls, replica, SLO."""
     vocab = usable_token_ids(model_path)
-    state = _state(url)
+    state = read_morph_state(url)
     order, num_layers = state["layer_order"], len(state["layers"])
     if state["quantized_layers"]:
         raise CalibrationError("start the drive from a server with every layer in fp")
@@ -256,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             url = args.server.rstrip("/")
             raw, where = drive(url, resolve_model(None), loads, args.seed), f"measured: {url}"
         elif args.server:
-            url = args.server.rstrip("/") + "/morph/iterations"
-            raw, where = requests.get(url, timeout=30).json(), f"measured: {url}"
+            url = args.server.rstrip("/")
+            raw, where = _iterations(url), f"measured: {url}/morph/iterations"
         else:
             raw = json.loads(Path(args.samples).read_text())
             where = f"samples file: {args.samples}"

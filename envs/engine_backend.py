@@ -28,6 +28,7 @@ from eval.replay import Replayer, prompt_ids, usable_token_ids
 from eval.replay import RequestRecord as ReplayRecord
 from eval.traces import Trace
 from rl_controller.observation import LoadSnapshot
+from sglang_morph.server_process import read_morph_state
 
 DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles" / (
     "stories260K-int4.json"
@@ -104,9 +105,7 @@ class EngineBackend:
 
     def state(self) -> dict:
         """``GET /morph/state`` (and remember the layers' desired formats)."""
-        r = requests.get(f"{self.url}/morph/state", timeout=30)
-        r.raise_for_status()
-        return self._remember(r.json())
+        return self._remember(read_morph_state(self.url))
 
     def _remember(self, state: dict) -> dict:
         self._desired = {layer["id"]: layer["desired"] for layer in state["layers"]}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -43,6 +44,12 @@ Window = tuple[float, float]
 def prepare_trace(name_or_path: str, mapping: LengthMapping, time_scale: float) -> Trace:
     """A trace as the simulator replays it: lengths mapped to the model, time compressed."""
     return scale_time(map_lengths(load_trace(name_or_path), mapping), time_scale)
+
+
+def _calibration_file(calibration: IterationModel | str | None) -> str | Path:
+    """The calibration file whose replica section (capacity, SLO, budget) the environment
+    serves: the one named, else the default (an in-memory model has no replica)."""
+    return calibration if isinstance(calibration, str) else DEFAULT_CALIBRATION
 
 
 TRAIN_FRAC = 0.7
@@ -115,8 +122,7 @@ class MorphEnv(gym.Env):
         if not self.windows:
             raise ValueError(f"no {window_s:g}-s window fits trace {trace.name!r}")
         if replica is None:
-            path = calibration if isinstance(calibration, str) else DEFAULT_CALIBRATION
-            replica = ReplicaConfig.from_calibration(path)
+            replica = ReplicaConfig.from_calibration(_calibration_file(calibration))
         self.replica = replica
         layers = self.replica.num_layers
         self.quality_table = validate_quality_table(quality_table or DEFAULT_QUALITY_TABLE)
@@ -151,11 +157,9 @@ class MorphEnv(gym.Env):
             # A fresh manual-policy server with the calibration's budget, judged by the
             # replica's SLO; for a running server or other options pass an
             # EngineBackend(url=...) instance instead.
-            path = calibration if isinstance(calibration, str) else DEFAULT_CALIBRATION
-            budget = load_replica(path).get("budget_bytes")
-            if budget is None:
-                return EngineBackend(ttft_slo_s=self.replica.ttft_slo_s)
-            return EngineBackend(ttft_slo_s=self.replica.ttft_slo_s, budget=str(budget))
+            budget = load_replica(_calibration_file(calibration)).get("budget_bytes")
+            return EngineBackend(ttft_slo_s=self.replica.ttft_slo_s,
+                                 budget=None if budget is None else str(budget))
         if backend != "simulator":
             raise ValueError(f"unknown backend {backend!r}; accepted: simulator, engine")
         if not isinstance(calibration, IterationModel):

@@ -8,16 +8,14 @@ machine's cores and a crash in one cannot leak state into the next.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
+import requests
 
-from sglang_morph.server_process import Server
+from sglang_morph.server_process import Server, read_morph_state
 
 LAUNCHER = "sglang_morph.launch_server"
 DEFAULT_RL_CHECKPOINT = "checkpoints/morph-ppo.zip"
@@ -76,9 +74,8 @@ def stop_server(server: Server, grace_s: float = 20.0) -> None:
 def get_state(base_url: str, timeout_s: float = 5.0) -> dict | None:
     """``GET /morph/state`` as a dict, or None when the server has no morph runtime."""
     try:
-        with urllib.request.urlopen(f"{base_url}/morph/state", timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-    except (urllib.error.URLError, OSError, ValueError):
+        return read_morph_state(base_url, timeout_s)
+    except (requests.RequestException, ValueError):
         return None
 
 

@@ -21,11 +21,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from sglang_morph.server_process import Server
-
-
-def _state(url: str) -> dict:
-    return requests.get(f"{url}/morph/state", timeout=30).json()
+from sglang_morph.server_process import Server, read_morph_state
 
 
 def _post(url: str, path: str, body: dict) -> dict:
@@ -36,7 +32,7 @@ def _post(url: str, path: str, body: dict) -> dict:
 
 def _settle(url: str) -> dict:
     for _ in range(600):
-        st = _state(url)
+        st = read_morph_state(url)
         if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
             return st
         time.sleep(0.05)
@@ -81,7 +77,7 @@ def run(budget: int, reps: int) -> dict:
             _post(server.url, "/morph/swap", {"layers": list(range(n)), "format": "fp"})
             after = _settle(server.url)
             stalls.append(after["swap_stall_last_s"])
-        decode = _state(server.url)["decode_iteration_median_s"]
+        decode = read_morph_state(server.url)["decode_iteration_median_s"]
     finally:
         stop.set()
         for w in workers:

@@ -7,7 +7,7 @@ An iteration is timed twice. ``forward_s`` is the model forward alone (``run_bat
 ``loop_s`` is the whole pass of the scheduler loop that ran it, from entering
 ``get_next_batch_to_run`` (controller tick, scheduling) through the forward, sending the results
 and receiving new requests, to the next entry: the time the next batch really waits. On the
-2-core CPU the loop around the forward adds about half again, which a simulator fitted to
+2-core CPU the loop around the forward adds a fifth to a third, which a simulator fitted to
 forwards alone misses (its P95 TTFT came out a third of the engine's). Idle passes (no batch)
 are not logged: the loop's idle sleep happens after the pass entry, so it never enters
 ``loop_s``.

@@ -20,6 +20,14 @@ LAUNCHER = "sglang_morph.launch_server"
 HEALTH_TIMEOUT_S = float(os.environ.get("MORPH_TEST_HEALTH_TIMEOUT", "240"))
 
 
+def read_morph_state(base_url: str, timeout_s: float = 30.0) -> dict:
+    """``GET /morph/state`` of the server at ``base_url``; raises ``requests.RequestException``
+    when it cannot be read (no server, or no morph runtime: 404/503)."""
+    r = requests.get(f"{base_url}/morph/state", timeout=timeout_s)
+    r.raise_for_status()
+    return r.json()
+
+
 class ServerError(RuntimeError):
     """A server that did not become healthy; the message carries its log tail."""
 
