@@ -53,7 +53,7 @@ from envs.calibration import (
 )
 from envs.morph_env import TRAIN_FRAC, split_windows
 from eval.replay import Replayer, measure_unloaded, prompt_ids, usable_token_ids
-from eval.servers import poll_state
+from eval.servers import STATE_POLL_S
 from eval.traces import (
     LengthMapping,
     Trace,
@@ -64,7 +64,7 @@ from eval.traces import (
     scale_time,
     select_window,
 )
-from sglang_morph.server_process import read_morph_state
+from sglang_morph.client import MorphClient, MorphRequestError
 
 _NAN = float("nan")
 _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_NAN,
@@ -76,21 +76,20 @@ SLO_MULTIPLE = 5.0
 
 
 def _iterations(url: str) -> list[dict]:
-    r = requests.get(f"{url}/morph/iterations", params={"limit": 100_000}, timeout=60)
-    r.raise_for_status()
-    return r.json()
+    return MorphClient(url).iterations()
 
 
 def _swap_one(url: str, layer: int, fmt: str, expect: int) -> tuple[dict, float]:
     """Swap ``layer`` to ``fmt``, wait until the scheduler has ``expect`` quantized layers;
     returns the state and the scheduler stall of that swap (``swap_stall_last_s``)."""
-    r = requests.post(f"{url}/morph/swap", json={"layers": [layer], "format": fmt}, timeout=60)
-    if r.status_code != 200:
-        raise CalibrationError(f"POST /morph/swap refused: {r.text} (start with --morph-policy "
-                               "manual)")
+    client = MorphClient(url)
+    try:
+        client.swap([layer], fmt)
+    except MorphRequestError as err:
+        raise CalibrationError(f"swap refused: {err} (start with --morph-policy manual)") from err
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        state = read_morph_state(url)
+        state = client.state()
         if state["quantized_layers"] == expect and state["kv_resize_complete"]:
             return state, float(state["swap_stall_last_s"])
         time.sleep(0.05)
@@ -113,7 +112,8 @@ async def _observed(replayer: Replayer) -> list:
     """Run the replay while reading /morph/state as the harness and the engine environment do
     (``STATE_POLL_S``): each read costs the scheduler loop several ms, which the simulator must
     include to match them."""
-    poller = asyncio.create_task(poll_state(replayer.base_url, time.perf_counter(), []))
+    client = MorphClient(replayer.base_url)
+    poller = asyncio.create_task(client.poll_state(lambda state: None, STATE_POLL_S))
     try:
         return await replayer.run()
     finally:
@@ -139,7 +139,7 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
     at a time in between (see the module docstring); returns the samples file's content:
     iterations recorded meanwhile, swap stalls, replica, SLO."""
     vocab = usable_token_ids(model_path)
-    state = read_morph_state(url)
+    state = MorphClient(url).state()
     order, num_layers = state["layer_order"], len(state["layers"])
     if state["quantized_layers"]:
         raise CalibrationError("start the drive from a server with every layer in fp")

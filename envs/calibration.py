@@ -22,8 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-CALIBRATION_DIR = Path(__file__).resolve().parent / "calibrations"
-DEFAULT_CALIBRATION = CALIBRATION_DIR / "stories260K-cpu.json"
+from sglang_morph.paths import DEFAULT_CALIBRATION
 
 SAMPLE_FIELDS = ("batch_tokens", "prefill_tokens", "decode_reqs", "quantized_layers",
                  "context_tokens", "loop_s")

@@ -28,11 +28,10 @@ from eval.replay import Replayer, prompt_ids, usable_token_ids
 from eval.replay import RequestRecord as ReplayRecord
 from eval.traces import Trace
 from rl_controller.observation import LoadSnapshot
-from sglang_morph.server_process import read_morph_state
+from sglang_morph.client import MorphClient, MorphRequestError
+from sglang_morph.paths import default_profile
 
-DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles" / (
-    "stories260K-int4.json"
-)
+DEFAULT_PROFILE = default_profile("int4")
 """Layer-importance profile of the shipped policy (its quality table follows this order)."""
 
 _SNAPSHOT_FIELDS = tuple(f.name for f in dataclasses.fields(LoadSnapshot))
@@ -82,6 +81,7 @@ class EngineBackend:
             self._server = Server(args)
             url = self._server.url
         self.url = url.rstrip("/")
+        self.client = MorphClient(self.url)
         self.vocab = usable_token_ids(resolve_model(model_path))
         self._desired: dict[int, str] = {}
         state = self.state()
@@ -105,7 +105,7 @@ class EngineBackend:
 
     def state(self) -> dict:
         """``GET /morph/state`` (and remember the layers' desired formats)."""
-        return self._remember(read_morph_state(self.url))
+        return self._remember(self.client.state())
 
     def _remember(self, state: dict) -> dict:
         self._desired = {layer["id"]: layer["desired"] for layer in state["layers"]}
@@ -114,11 +114,10 @@ class EngineBackend:
     def _swap(self, layers: list[int], fmt: str) -> None:
         if not layers:
             return
-        r = requests.post(f"{self.url}/morph/swap", json={"layers": layers, "format": fmt},
-                          timeout=30)
-        if r.status_code != 200:
-            raise EngineError(f"POST /morph/swap {layers} -> {fmt} refused: {r.text}")
-        self._remember(r.json()["state"])
+        try:
+            self._remember(self.client.swap(layers, fmt, timeout_s=30))
+        except MorphRequestError as err:
+            raise EngineError(f"swap of layers {layers} to {fmt} refused: {err}") from err
 
     def set_quantized(self, target: int) -> None:
         """Ask for the first ``target`` layers of the importance order in int4, the rest fp.

@@ -39,7 +39,8 @@ from sglang_morph.hf_model import (
     search_act_scales,
     tokenize_stories,
 )
-from sglang_morph.profile import act_scales_from_profile, build_profile, layer_order, load_profile
+from sglang_morph.profile import act_scales_from_profile, build_profile
+from sglang_morph.profile_file import layer_order, load_profile
 
 matplotlib.use("Agg")
 _CONSOLE = Console(stderr=True)

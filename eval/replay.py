@@ -25,6 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sglang_morph.model_info import read_config
 from eval.traces import TraceRequest
 
 _PROBE_SEED = 7919
@@ -65,7 +66,7 @@ def usable_token_ids(model_path: str) -> np.ndarray:
     attention patterns in ways no real prompt does.
     """
     path = Path(model_path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     special = {config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")} - {None}
     tokenizer = path / "tokenizer.json"
     if tokenizer.exists():

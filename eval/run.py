@@ -48,8 +48,8 @@ from eval.traces import (
 )
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, parse_bytes
 from sglang_morph.data import resolve_model
-from sglang_morph.memory import DEFAULT_FP_KV_TOKENS
-from sglang_morph.model_info import ModelInfo, read_model_info
+from sglang_morph.memory import DEFAULT_FP_KV_TOKENS, fp_kv_tokens
+from sglang_morph.model_info import ModelInfo, context_length, read_model_info
 from sglang_morph.server_process import Server, ServerError
 
 DEMO_SYSTEMS = "fp,static-int4,morph-heuristic"
@@ -288,7 +288,7 @@ def _budget(args: argparse.Namespace, info: ModelInfo, longest: int) -> tuple[in
         except ValueError as err:
             raise UsageError(f"--budget: {err}") from err
         how = f"--budget {args.budget}"
-    fp_tokens = (budget - info.weight_bytes) // info.kv_bytes_per_token
+    fp_tokens = fp_kv_tokens(info, budget)
     if fp_tokens < longest:
         raise UsageError(
             f"budget {budget} B leaves fp {max(fp_tokens, 0)} KV tokens, less than the longest "
@@ -297,17 +297,12 @@ def _budget(args: argparse.Namespace, info: ModelInfo, longest: int) -> tuple[in
     return budget, how
 
 
-def _context_length(model_path: str) -> int | None:
-    config = json.loads((Path(model_path) / "config.json").read_text())
-    return int(config.get("max_position_embeddings") or 0) or None
-
-
 def make_plan(args: argparse.Namespace) -> Plan:
     """Validate the arguments and shape the trace; raises UsageError or TraceError."""
     systems = _check_options(args)
     profile = None
     if args.profile is not None:
-        from sglang_morph.profile import load_profile  # imports torch: only when needed
+        from sglang_morph.profile_file import load_profile
 
         try:
             profile = load_profile(args.profile)
@@ -317,7 +312,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     try:
         model_path = resolve_model(args.model, args.data_dir)
         info = read_model_info(model_path)
-        context = _context_length(model_path)
+        context = context_length(model_path)
     except (OSError, KeyError, ValueError) as err:
         raise UsageError(f"model: {err}") from err
     longest = max(r.input_tokens + r.output_tokens for r in trace.requests)

@@ -7,18 +7,16 @@ machine's cores and a crash in one cannot leak state into the next.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import aiohttp
-import requests
-
-from sglang_morph.server_process import Server, read_morph_state
+from sglang_morph.client import MorphClient
+from sglang_morph.paths import DEFAULT_CHECKPOINT
+from sglang_morph.server_process import Server
 
 LAUNCHER = "sglang_morph.launch_server"
-DEFAULT_RL_CHECKPOINT = "checkpoints/morph-ppo.zip"
+DEFAULT_RL_CHECKPOINT = str(DEFAULT_CHECKPOINT)
 
 SYSTEMS = ("fp", "static-int8", "static-int4", "morph-heuristic", "morph-rl")
 """The systems offered, in the order reports list them."""
@@ -73,10 +71,7 @@ def stop_server(server: Server, grace_s: float = 20.0) -> None:
 
 def get_state(base_url: str, timeout_s: float = 5.0) -> dict | None:
     """``GET /morph/state`` as a dict, or None when the server has no morph runtime."""
-    try:
-        return read_morph_state(base_url, timeout_s)
-    except (requests.RequestException, ValueError):
-        return None
+    return MorphClient(base_url).try_state(timeout_s)
 
 
 def timeline_row(t: float, state: dict) -> dict:
@@ -104,22 +99,11 @@ measured system carries; ``envs.calibrate`` reads at the same rate while it meas
 async def poll_state(
     base_url: str, t0: float, sink: list[dict], interval_s: float = STATE_POLL_S
 ) -> None:
-    """Append a timeline row to ``sink`` every ``interval_s`` until cancelled.
+    """Append a timeline row to ``sink`` every ``interval_s`` until cancelled (failed reads
+    leave a gap). Rows are stamped on arrival: the scheduler answers between batches, so a
+    reply to a poll sent during a long batch describes the later moment."""
 
-    Samples that fail (server busy past the timeout, no morph runtime) are skipped: a gap in
-    the timeline is better than stalling the replay.
-    """
-    timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * interval_s))
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        while True:
-            started = time.perf_counter()
-            try:
-                async with session.get(f"{base_url}/morph/state") as resp:
-                    if resp.status == 200:
-                        state = await resp.json()
-                        # stamped on arrival: the scheduler answers between batches, so a
-                        # reply to a poll sent during a long batch describes the later moment
-                        sink.append(timeline_row(time.perf_counter() - t0, state))
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                pass
-            await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - started)))
+    def on_state(state: dict) -> None:
+        sink.append(timeline_row(time.perf_counter() - t0, state))
+
+    await MorphClient(base_url).poll_state(on_state, interval_s)

@@ -16,23 +16,19 @@ import threading
 import time
 from pathlib import Path
 
-import requests
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from sglang_morph.server_process import Server, read_morph_state
-
-
-def _post(url: str, path: str, body: dict) -> dict:
-    r = requests.post(f"{url}{path}", json=body, timeout=60)
-    r.raise_for_status()
-    return r.json()
+from sglang_morph.client import MorphClient
+from sglang_morph.memory import default_budget
+from sglang_morph.data import resolve_model
+from sglang_morph.server_process import Server
 
 
 def _settle(url: str) -> dict:
     for _ in range(600):
-        st = read_morph_state(url)
+        st = MorphClient(url).state()
         if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
             return st
         time.sleep(0.05)
@@ -47,9 +43,9 @@ def run(budget: int, reps: int) -> dict:
 
     def load() -> None:  # steady decodes so stalls are measured while serving
         while not stop.is_set():
-            requests.post(f"{server.url}/generate", json={
+            server.client.post("/generate", {
                 "input_ids": [11] * 32, "sampling_params": {
-                    "max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}, timeout=300)
+                    "max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}, timeout_s=300)
 
     workers = [threading.Thread(target=load) for _ in range(2)]
     for w in workers:
@@ -62,7 +58,7 @@ def run(budget: int, reps: int) -> dict:
         for _ in track(range(reps), description="swap / restore / resize cycles"):
             for layer in st0["layer_order"]:
                 before = _settle(server.url)
-                _post(server.url, "/morph/swap", {"layers": [layer], "format": "int4"})
+                server.client.swap([layer], "int4")
                 after = _settle(server.url)
                 stalls.append(after["swap_stall_last_s"])
                 fmt = after["layers"][layer]["bytes_by_format"]
@@ -74,10 +70,10 @@ def run(budget: int, reps: int) -> dict:
                                         - before["kv_capacity_tokens"]) // segment),
                 })
                 resize.append(after["kv_resize_last_step_s"] / gains[-1]["segments"])
-            _post(server.url, "/morph/swap", {"layers": list(range(n)), "format": "fp"})
+            server.client.swap(list(range(n)), "fp")
             after = _settle(server.url)
             stalls.append(after["swap_stall_last_s"])
-        decode = read_morph_state(server.url)["decode_iteration_median_s"]
+        decode = server.client.state()["decode_iteration_median_s"]
     finally:
         stop.set()
         for w in workers:
@@ -102,11 +98,12 @@ def run(budget: int, reps: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=int, default=2_100_000)
+    p.add_argument("--budget", type=int, default=None,
+                   help="memory budget in bytes (default: the evaluation's default budget)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("runs/bench_runtime.json"))
     args = p.parse_args()
-    res = run(args.budget, args.reps)
+    res = run(args.budget or default_budget(resolve_model(None)), args.reps)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     t = Table(title="sglang-morph runtime benchmark (stories260K, CPU)")

@@ -13,7 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from sglang_morph.paths import REPO_ROOT
 
 
 @dataclass(frozen=True)

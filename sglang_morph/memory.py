@@ -1,7 +1,10 @@
-"""The device memory budget: weights plus KV cache, in bytes.
+"""The device memory budget: weights plus KV cache, in bytes, and the one rule that turns a
+budget into KV capacity.
 
-On a GPU the budget bounds physical device memory; on a CPU it makes the same pressure appear:
-KV capacity is whatever the budget leaves after the weights in their current formats.
+Every part of the project (launcher, runtime, harness, calibration, environment) sizes KV with
+``kv_tokens_for``; the budget travels as ``budget_bytes: int`` end to end. On CPU the budget is
+bookkeeping that makes the same pressure appear as on a GPU: KV capacity is whatever it leaves
+after the weights in their current formats (see docs/design.md for what is physical where).
 """
 
 from __future__ import annotations
@@ -9,16 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sglang_morph.config import MorphConfig
-from sglang_morph.model_info import read_model_info
+from sglang_morph.model_info import ModelInfo, context_length, read_model_info
 
 DEFAULT_FP_KV_TOKENS = 768
 """KV tokens the default budget gives the full-precision model: with stories260K's ~100-token
 prompts, about seven requests at once, so a burst queues in fp (the pressure morphing relieves)."""
 
 
+def kv_tokens_for(budget_bytes: int, weight_bytes: int, kv_bytes_per_token: int) -> int:
+    """KV tokens ``budget_bytes`` leaves after ``weight_bytes`` of weights (never negative)."""
+    return max(0, (budget_bytes - weight_bytes) // kv_bytes_per_token)
+
+
+def fp_kv_tokens(info: ModelInfo, budget_bytes: int) -> int:
+    """KV tokens the budget leaves the model with every layer in full precision."""
+    return kv_tokens_for(budget_bytes, info.weight_bytes, info.kv_bytes_per_token)
+
+
 def default_budget(model_path: str, fp_kv_tokens: int = DEFAULT_FP_KV_TOKENS) -> int:
-    """The budget shared by the evaluation, the calibration and the engine environment: the
-    weights as SGLang serves them plus ``fp_kv_tokens`` of full-precision KV."""
+    """The budget shared by the evaluation, the calibration, the engine environment and the
+    benchmarks: the weights as SGLang serves them plus ``fp_kv_tokens`` of full-precision KV."""
     return read_model_info(model_path).budget_bytes(fp_kv_tokens)
 
 
@@ -46,8 +59,8 @@ def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str, device: str) -
     info = read_model_info(model_path, dtype, device)
     budget = cfg.memory_budget_bytes
     assert budget is not None
-    fp_tokens = (budget - info.weight_bytes) // info.kv_bytes_per_token
-    context = _context_len(model_path)
+    fp_tokens = fp_kv_tokens(info, budget)
+    context = context_length(model_path)
     if fp_tokens < context:
         need = info.weight_bytes + context * info.kv_bytes_per_token
         raise BudgetError(
@@ -58,18 +71,5 @@ def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str, device: str) -
     if not cfg.enabled:
         return KVPlan(fp_tokens, fp_tokens, info.kv_bytes_per_token, info.weight_bytes)
     swappable = info.layer_params * info.dtype_bytes * info.num_layers
-    pool = (budget - info.weight_bytes + swappable) // info.kv_bytes_per_token
+    pool = kv_tokens_for(budget, info.weight_bytes - swappable, info.kv_bytes_per_token)
     return KVPlan(pool, fp_tokens, info.kv_bytes_per_token, info.weight_bytes)
-
-
-def _context_len(model_path: str) -> int:
-    import json
-    from pathlib import Path
-
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings", 2048))
-
-
-def capacity_for(budget: int, weight_bytes: int, kv_bytes_per_token: int) -> int:
-    """KV tokens the budget leaves after ``weight_bytes`` of weights."""
-    return max(0, (budget - weight_bytes) // kv_bytes_per_token)

@@ -61,13 +61,33 @@ def serving_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def read_config(model_path: str | Path) -> dict:
+    """The model's ``config.json``: the one reader, so every part of the project sees the same
+    sizes and fallbacks."""
+    path = Path(model_path) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise FileNotFoundError(f"no readable config.json in {model_path}: {err}") from err
+
+
+def context_length(model_path: str | Path) -> int:
+    """The longest sequence the model takes (``max_position_embeddings``; 2048 when absent)."""
+    return int(read_config(model_path).get("max_position_embeddings") or 2048)
+
+
+def vocab_size(model_path: str | Path) -> int:
+    """Number of token ids of the model's embedding."""
+    return int(read_config(model_path)["vocab_size"])
+
+
 def read_model_info(
     model_path: str, dtype: str = "float32", device: str | None = None
 ) -> ModelInfo:
     """Sizes of the checkpoint in ``model_path`` when SGLang serves it in ``dtype`` on
     ``device`` (default: ``serving_device()``), with tensor parallelism 1."""
     path = Path(model_path)
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_config(path)
     layers = int(cfg["num_hidden_layers"])
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)

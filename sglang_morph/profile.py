@@ -48,31 +48,16 @@ from sglang_morph.hf_model import (
     tokenize_stories,
 )
 from sglang_morph.quant.matmul import quantized_matmul
+from sglang_morph.profile_file import act_scale_lists, layer_order
 from sglang_morph.quant.quantize import quantize_weight
 
 TOKEN_COUNTS = (1, 8, 32, 128)
 _CONSOLE = Console(stderr=True)
 
 
-def load_profile(path: str | Path) -> dict:
-    """A profile written by this module, checked for the fields the runtime reads."""
-    profile = json.loads(Path(path).read_text())
-    missing = {"format", "num_layers", "layers", "layer_order"} - set(profile)
-    if missing:
-        raise ValueError(f"{path} is not a layer profile: missing {sorted(missing)}")
-    if sorted(profile["layer_order"]) != list(range(profile["num_layers"])):
-        raise ValueError(f"{path}: layer_order is not a permutation of the model's layers")
-    return profile
-
-
-def layer_order(profile: dict) -> list[int]:
-    """Layers in the order to quantize them (least important first)."""
-    return [int(i) for i in profile["layer_order"]]
-
-
 def act_scales_from_profile(profile: dict) -> ActScales | None:
     """The AWQ input scales a profile carries, as tensors; None for a round-to-nearest one."""
-    scales = profile.get("act_scales")
+    scales = act_scale_lists(profile)
     if not scales:
         return None
     return {

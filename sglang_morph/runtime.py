@@ -13,7 +13,7 @@ import time
 
 from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
 from sglang_morph.iterations import IterationLog
-from sglang_morph.memory import capacity_for
+from sglang_morph.memory import kv_tokens_for
 
 logger = logging.getLogger("sglang_morph")
 
@@ -54,7 +54,7 @@ class MorphRuntime:
         from sglang_morph.swap.layer_swapper import LayerSwapper
 
         if self.cfg.profile_path:
-            from sglang_morph.profile import layer_order, load_profile
+            from sglang_morph.profile_file import layer_order, load_profile
 
             self.profile = load_profile(self.cfg.profile_path)
             self.layer_order = layer_order(self.profile)
@@ -102,7 +102,7 @@ class MorphRuntime:
 
     def _budget_capacity(self, formats: list[str]) -> int:
         assert self.cfg.memory_budget_bytes is not None
-        return capacity_for(
+        return kv_tokens_for(
             self.cfg.memory_budget_bytes, self.weight_bytes(formats), self.kv_bytes_per_token
         )
 

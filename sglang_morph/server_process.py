@@ -13,19 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
+from sglang_morph.client import MorphClient
+from sglang_morph.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = "sglang_morph.launch_server"
 HEALTH_TIMEOUT_S = float(os.environ.get("MORPH_TEST_HEALTH_TIMEOUT", "240"))
-
-
-def read_morph_state(base_url: str, timeout_s: float = 30.0) -> dict:
-    """``GET /morph/state`` of the server at ``base_url``; raises ``requests.RequestException``
-    when it cannot be read (no server, or no morph runtime: 404/503)."""
-    r = requests.get(f"{base_url}/morph/state", timeout=timeout_s)
-    r.raise_for_status()
-    return r.json()
 
 
 class ServerError(RuntimeError):
@@ -74,6 +66,7 @@ class Server:
             raise ServerError(f"port {port} on {host} is already in use; pick another port")
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
+        self.client = MorphClient(self.url)
         if log_path is None:
             log_path = Path(tempfile.mkstemp(prefix="morph-server-", suffix=".log")[1])
         self.log_path = log_path
@@ -82,7 +75,7 @@ class Server:
         # The child runs outside the repository (SGLang must import installed packages only),
         # with the repository on its path so a checkout without an editable install still works.
         full_env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), full_env.get("PYTHONPATH")) if p
+            p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p
         )
         cmd = [sys.executable, "-m", module, "--host", host, "--port", str(self.port), *args]
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,11 +100,8 @@ class Server:
                     f"server exited with status {self.proc.returncode} before becoming healthy; "
                     f"log {self.log_path}:\n{self.tail()}"
                 )
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
+            if self.client.health():
+                return
             time.sleep(0.5)
         raise ServerError(
             f"server not healthy after {timeout_s:.0f} s; log {self.log_path}:\n{self.tail()}"
@@ -126,19 +116,6 @@ class Server:
             return "(no server log)"
         tail = text.splitlines()[-lines:]
         return "\n".join(line if len(line) <= width else line[:width] + " ..." for line in tail)
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
-
-    def post(self, path: str, json: object, **kw) -> requests.Response:
-        return requests.post(self.url + path, json=json, timeout=kw.pop("timeout", 60), **kw)
-
-    def generate(self, text: str, max_new_tokens: int = 30) -> str:
-        """Greedy completion of ``text`` through SGLang's native /generate."""
-        r = self.post("/generate", {"text": text, "sampling_params": {
-            "temperature": 0, "max_new_tokens": max_new_tokens}})
-        r.raise_for_status()
-        return r.json()["text"]
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Terminate the process group, and kill it if it outlives ``grace_s``.

@@ -35,13 +35,13 @@ def server():
 
 
 def state(server) -> dict:
-    r = server.get("/morph/state")
+    r = server.client.get("/morph/state")
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def command(server, path: str, body: dict) -> requests.Response:
-    return server.post(path, body, headers=ADMIN)
+    return server.client.post(path, body, headers=ADMIN)
 
 
 def swap(server, layers: list[int], fmt: str) -> None:
@@ -61,14 +61,14 @@ def wait_settled(server, timeout: float = 60) -> dict:
 
 
 def generate_ids(server, ids: list[int], n: int) -> dict:
-    r = server.post("/generate", {"input_ids": ids, "sampling_params": {
-        "temperature": 0, "max_new_tokens": n, "ignore_eos": True}}, timeout=300)
+    r = server.client.post("/generate", {"input_ids": ids, "sampling_params": {
+        "temperature": 0, "max_new_tokens": n, "ignore_eos": True}}, timeout_s=300)
     r.raise_for_status()
     return r.json()
 
 
 def test_swap_requires_admin_key(server):
-    r = server.post("/morph/swap", {"layers": [0], "format": "int4"})
+    r = server.client.post("/morph/swap", {"layers": [0], "format": "int4"})
     assert r.status_code == 401
     assert state(server)["quantized_layers"] == 0
 
@@ -83,14 +83,14 @@ def test_bad_swaps_are_refused_and_change_nothing(server):
 
 
 def test_swap_then_restore_gives_identical_greedy_output(server):
-    before = [server.generate(p, 40) for p in PROMPTS]
+    before = [server.client.generate(p, 40) for p in PROMPTS]
     swap(server, [0, 1, 2, 3, 4], "int4")
     st = state(server)
     assert [x["format"] for x in st["layers"]] == ["int4"] * 5
-    quantized = [server.generate(p, 40) for p in PROMPTS]
+    quantized = [server.client.generate(p, 40) for p in PROMPTS]
     assert all(q for q in quantized)
     swap(server, [0, 1, 2, 3, 4], "fp")
-    assert [server.generate(p, 40) for p in PROMPTS] == before
+    assert [server.client.generate(p, 40) for p in PROMPTS] == before
     st = state(server)  # each commit came after its preparation: a lead time is recorded
     assert 0 < st["swap_lead_median_s"] <= st["swap_lead_max_s"] < 30
 
@@ -212,7 +212,7 @@ def test_randomized_resize_stress_keeps_invariants(server):
     assert st["kv_quarantined_tokens"] == 0 and not st["frozen"]
     # Idle: every usable slot is free or cached (SGLang's strict idle leak check agrees).
     assert st["kv_used_tokens"] == 0
-    assert server.generate("Once upon a time", 10)
+    assert server.client.generate("Once upon a time", 10)
 
 
 def _wait_running(server, timeout: float = 60) -> None:

@@ -15,8 +15,8 @@ BUDGET = "2100000"  # ~768 KV tokens at full precision: a burst of long prompts 
 
 def burst(server: Server, n: int = 12, prompt: int = 200, out: int = 60) -> list[dict]:
     def one(i: int) -> dict:
-        r = server.post("/generate", {"input_ids": [5 + i] * prompt, "sampling_params": {
-            "temperature": 0, "max_new_tokens": out, "ignore_eos": True}}, timeout=600)
+        r = server.client.post("/generate", {"input_ids": [5 + i] * prompt, "sampling_params": {
+            "temperature": 0, "max_new_tokens": out, "ignore_eos": True}}, timeout_s=600)
         r.raise_for_status()
         return r.json()
 
@@ -28,7 +28,7 @@ def watch(server: Server, burst_done: Future) -> list[dict]:
     """/morph/state every 0.1 s for as long as the burst runs (however slow the machine)."""
     states, deadline = [], time.monotonic() + 600
     while not burst_done.done() and time.monotonic() < deadline:
-        states.append(server.get("/morph/state").json())
+        states.append(server.client.state())
         time.sleep(0.1)
     return states
 
@@ -43,9 +43,9 @@ def heuristic():
 
 def test_heuristic_quiet_under_low_load(heuristic):
     for _ in range(5):
-        heuristic.generate("Once upon a time", 20)
+        heuristic.client.generate("Once upon a time", 20)
         time.sleep(0.3)
-    st = heuristic.get("/morph/state").json()
+    st = heuristic.client.state()
     assert st["transitions"] == 0 and st["quantized_layers"] == 0
 
 
@@ -60,7 +60,7 @@ def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
     assert max(s["kv_capacity_tokens"] for s in seen) > seen[0]["kv_capacity_tokens"]
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        st = heuristic.get("/morph/state").json()
+        st = heuristic.client.state()
         if st["quantized_layers"] == 0 and st["kv_resize_complete"]:
             break
         time.sleep(0.5)
@@ -70,8 +70,8 @@ def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
 
 
 def test_morph_gauges_in_prometheus(heuristic):
-    text = heuristic.get("/metrics").text
-    st = heuristic.get("/morph/state").json()
+    text = heuristic.client.get("/metrics").text
+    st = heuristic.client.state()
     for name in ("quantized_layers", "kv_capacity_tokens", "transitions"):
         assert f"sglang_morph:{name}" in text
     line = next(x for x in text.splitlines() if x.startswith("sglang_morph:transitions"))
@@ -79,7 +79,7 @@ def test_morph_gauges_in_prometheus(heuristic):
 
 
 def test_manual_swap_refused_while_policy_decides(heuristic):
-    r = heuristic.post("/morph/swap", {"layers": [0], "format": "int4"})
+    r = heuristic.client.post("/morph/swap", {"layers": [0], "format": "int4"})
     assert r.status_code == 409 and "heuristic policy owns" in r.json()["error"]
 
 
@@ -94,7 +94,7 @@ def test_corrupt_rl_checkpoint_falls_back_and_keeps_serving(tmp_path_factory):
             seen = watch(s, results)
             done = results.result()
         assert all(r["meta_info"]["completion_tokens"] == 60 for r in done)
-        st = s.get("/morph/state").json()
+        st = s.client.state()
         assert st["policy"] == "rl" and st["fallbacks"] > 0
         assert max(x["quantized_layers"] for x in seen) > 0  # the heuristic took over
         assert "RL checkpoint unusable" in s.log_path.read_text()

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from sglang_morph.hf_model import SGLANG_LINEAR_GROUPS
-from sglang_morph.profile import (
-    act_scales_from_profile,
-    build_profile,
-    layer_order,
-    load_profile,
-    main,
-)
+from sglang_morph.profile import act_scales_from_profile, build_profile, main
+from sglang_morph.profile_file import ProfileError, layer_order, load_profile
 
 CALIBRATION = """Tom had a red kite. He ran in the park and the kite went up high. His sister Mia
 clapped her hands. "Can I try?" she asked. Tom gave her the string and smiled.
@@ -101,8 +96,10 @@ def test_cli_writes_a_loadable_profile(calibration: Path, tmp_path: Path) -> Non
     assert set(loaded["layers"][0]["latency_s"]["int8"]) == {"1", "8", "32", "128"}
     broken = dict(loaded, layer_order=[0, 0, 1, 2, 3])
     (tmp_path / "bad.json").write_text(json.dumps(broken))
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(ProfileError, match="permutation"):
         load_profile(tmp_path / "bad.json")
+    with pytest.raises(ProfileError, match="cannot read"):
+        load_profile(tmp_path / "missing.json")
 
 
 def test_sampled_calibration_follows_samples_and_seed() -> None:

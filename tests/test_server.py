@@ -24,19 +24,19 @@ def server():
 
 
 def test_generate_known_continuation(server):
-    text = "Once upon a time" + server.generate("Once upon a time", max_new_tokens=30)
+    text = "Once upon a time" + server.client.generate("Once upon a time", max_new_tokens=30)
     assert text.startswith(STORY)
 
 
 def test_openai_completions(server):
-    r = server.post("/v1/completions", {"model": "default", "prompt": "Once upon a time",
+    r = server.client.post("/v1/completions", {"model": "default", "prompt": "Once upon a time",
                                         "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"].startswith(", there was")
 
 
 def test_openai_chat_completions(server):
-    r = server.post("/v1/chat/completions", {
+    r = server.client.post("/v1/chat/completions", {
         "model": "default", "max_tokens": 8, "temperature": 0,
         "messages": [{"role": "user", "content": "Tell me a story"}]})
     assert r.status_code == 200, r.text
@@ -44,7 +44,7 @@ def test_openai_chat_completions(server):
 
 
 def test_morph_state_comes_from_scheduler(server):
-    state = server.get("/morph/state").json()
+    state = server.client.state()
     assert state["policy"] == "off" and state["enabled"] is False
     assert [layer["format"] for layer in state["layers"]] == ["fp"] * 5
     # kv_capacity_tokens is read from the scheduler's live allocator, not the launcher's args.
@@ -57,10 +57,10 @@ def test_morph_state_comes_from_scheduler(server):
 
 
 def test_iteration_log_times_whole_loop_passes(server):
-    before = len(server.get("/morph/iterations", params={"limit": 100_000}).json())
-    server.post("/generate", {"input_ids": list(range(5, 45)),
+    before = len(server.client.iterations())
+    server.client.post("/generate", {"input_ids": list(range(5, 45)),
                               "sampling_params": {"max_new_tokens": 12, "ignore_eos": True}})
-    records = server.get("/morph/iterations", params={"limit": 100_000}).json()[before:]
+    records = server.client.iterations()[before:]
     prefill = [r for r in records if r["prefill_tokens"]]
     decode = [r for r in records if r["decode_reqs"]]
     assert [r["prefill_tokens"] for r in prefill] == [40] and prefill[0]["context_tokens"] == 40
@@ -73,21 +73,21 @@ def test_iteration_log_times_whole_loop_passes(server):
 
 
 def test_swap_refused_when_policy_off(server):
-    r = server.post("/morph/swap", {"layers": [0], "format": "int4"})
+    r = server.client.post("/morph/swap", {"layers": [0], "format": "int4"})
     assert r.status_code == 409
     assert "--morph-policy manual" in r.json()["error"]
 
 
 def test_off_equals_plain_sglang(server):
     prompts = ["Once upon a time", "The little dog", "Tom and Sue went to"]
-    ours = [server.generate(p, 40) for p in prompts]
+    ours = [server.client.generate(p, 40) for p in prompts]
     plain = Server(["--model-path", _model(), "--device", "cpu", "--attention-backend",
                     "torch_native", "--dtype", "float32", "--disable-overlap-schedule",
                     "--max-total-tokens", KV_TOKENS],
                    module="sglang.launch_server", env={"SGLANG_USE_CPU_ENGINE": "1"})
     try:
-        theirs = [plain.generate(p, 40) for p in prompts]
-        assert plain.get("/morph/state").status_code == 404  # the plugin stays passive there
+        theirs = [plain.client.generate(p, 40) for p in prompts]
+        assert plain.client.get("/morph/state").status_code == 404  # the plugin stays passive there
     finally:
         plain.stop()
     assert ours == theirs

@@ -1,0 +1,127 @@
+"""MorphClient: the one HTTP client of a server's ``/morph/*`` routes (and the few SGLang routes
+the project's tools need), used by the tests, benchmarks, calibration, the engine environment
+and the evaluation harness alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+
+import requests
+
+STATE_PATH = "/morph/state"
+SWAP_PATH = "/morph/swap"
+KV_PATH = "/morph/kv"
+ITERATIONS_PATH = "/morph/iterations"
+
+
+class MorphRequestError(RuntimeError):
+    """The server refused a ``/morph/*`` command; the message is the server's reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"HTTP {status}: {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class MorphClient:
+    """Talks to one server at ``base_url`` (``http://host:port``)."""
+
+    def __init__(self, base_url: str, *, admin_key: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+
+    # -- reads --
+
+    def health(self, timeout_s: float = 2.0) -> bool:
+        """Whether ``GET /health`` answers 200 now."""
+        try:
+            return self.get("/health", timeout_s=timeout_s).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def state(self, timeout_s: float = 30.0) -> dict:
+        """``GET /morph/state``; raises ``requests.RequestException`` when it cannot be read (no
+        server, or no morph runtime: 404/503)."""
+        r = self.get(STATE_PATH, timeout_s=timeout_s)
+        r.raise_for_status()
+        return r.json()
+
+    def try_state(self, timeout_s: float = 5.0) -> dict | None:
+        """``GET /morph/state``, or None when it cannot be read."""
+        try:
+            return self.state(timeout_s)
+        except (requests.RequestException, ValueError):
+            return None
+
+    def iterations(self, limit: int = 100_000, timeout_s: float = 60.0) -> list[dict]:
+        """``GET /morph/iterations``: up to ``limit`` of the newest scheduler-iteration records."""
+        r = self.get(ITERATIONS_PATH, params={"limit": limit}, timeout_s=timeout_s)
+        r.raise_for_status()
+        return r.json()
+
+    # -- commands --
+
+    def swap(self, layers: Sequence[int], fmt: str, timeout_s: float = 60.0) -> dict:
+        """``POST /morph/swap``: move ``layers`` to ``fmt`` (manual policy); returns the state
+        after the command, MorphRequestError with the server's reason when refused."""
+        return self._command(SWAP_PATH, {"layers": list(layers), "format": fmt}, timeout_s)
+
+    def set_kv_limit(self, tokens: int, timeout_s: float = 60.0) -> dict:
+        """``POST /morph/kv``: an operator KV limit in tokens (0 lifts it)."""
+        return self._command(KV_PATH, {"tokens": tokens}, timeout_s)
+
+    def _command(self, path: str, body: dict, timeout_s: float) -> dict:
+        r = self.post(path, body, timeout_s=timeout_s)
+        if r.status_code != 200:
+            try:
+                reason = r.json().get("error", r.text)
+            except ValueError:
+                reason = r.text
+            raise MorphRequestError(r.status_code, reason)
+        return r.json()["state"]
+
+    def generate(self, text: str, max_new_tokens: int = 30, timeout_s: float = 60.0) -> str:
+        """Greedy completion of ``text`` through SGLang's native ``/generate``."""
+        r = self.post(
+            "/generate",
+            {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}},
+            timeout_s=timeout_s,
+        )
+        r.raise_for_status()
+        return r.json()["text"]
+
+    # -- plain HTTP, for routes without a method here --
+
+    def get(self, path: str, *, timeout_s: float = 30.0, **kw) -> requests.Response:
+        headers = {**self.headers, **kw.pop("headers", {})}
+        return requests.get(self.base_url + path, timeout=timeout_s, headers=headers, **kw)
+
+    def post(self, path: str, body: object, *, timeout_s: float = 60.0, **kw) -> requests.Response:
+        headers = {**self.headers, **kw.pop("headers", {})}
+        return requests.post(
+            self.base_url + path, json=body, timeout=timeout_s, headers=headers, **kw
+        )
+
+    # -- polling --
+
+    async def poll_state(self, on_state: Callable[[dict], None], interval_s: float) -> None:
+        """Call ``on_state(state)`` with ``GET /morph/state`` every ``interval_s`` until
+        cancelled. Each read runs inside the scheduler loop, so the interval is part of the load
+        a measured server carries. Failed reads (server busy past the timeout, no morph runtime)
+        are skipped: a gap is better than stalling the caller."""
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=max(1.0, 4 * interval_s))
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
+            while True:
+                started = time.perf_counter()
+                try:
+                    async with session.get(self.base_url + STATE_PATH) as resp:
+                        if resp.status == 200:
+                            on_state(await resp.json())
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    pass
+                await asyncio.sleep(max(0.0, interval_s - (time.perf_counter() - started)))
