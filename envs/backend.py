@@ -17,8 +17,9 @@ from rl_controller.observation import LoadSnapshot
 
 
 @dataclass(frozen=True)
-class RequestRecord:
-    """One finished request, timed from its arrival."""
+class ServedRequest:
+    """One finished request as a backend reports it, timed from its arrival (named apart from
+    ``eval.replay.RequestRecord``, the client's record of a request in flight)."""
 
     arrival_s: float
     input_tokens: int
@@ -40,7 +41,7 @@ class AdvanceResult:
 
     snapshot: LoadSnapshot
     """State at the end of the tick (the next observation)."""
-    finished: tuple[RequestRecord, ...]
+    finished: tuple[ServedRequest, ...]
     generated_tokens: int
     """Output tokens produced in the tick, all with the tick's number of quantized layers."""
     newly_late: int
@@ -64,3 +65,4 @@ class ServingBackend(Protocol):
         """Switch to ``target_layers`` quantized layers (already clipped with
         ``rl_controller.policy.clip_action``), then serve for ``dt`` seconds."""
         ...
+

@@ -13,15 +13,14 @@ in the server's importance order, which times each swap): the training window wi
 requests (``--window-s``, the unit training and evaluation use) and the burstiest ``--burst-s``
 seconds (a burst far past capacity). They go through ``eval.replay``'s streaming client while
 /morph/state is read every ``eval.servers.STATE_POLL_S``, as in evaluation: arrivals spread over
-time, every token streamed through the detokenizer, tokenizer manager and HTTP on the same two
-cores. Synthetic rounds of non-streamed concurrent requests measured a loop 1.1x the forward
-where replays see 1.3x, and put the held-out window's P95 TTFT at a sixth of the engine's. The
-two loads are both needed: a linear model fitted to either alone misses the busy time of the
-held-out busiest window by 20-30% (in opposite directions), fitted to both by 4%. The driver
-also records the replica the simulator must reproduce (KV capacity at each k, layer count) and
-the unloaded TTFT, of which 5x is the TTFT SLO (``eval.run``'s default rule).
+time, every token streamed through the detokenizer, tokenizer manager and HTTP on the same
+cores. Synthetic rounds of non-streamed concurrent requests see less of that loop overhead than
+replays do, and a simulator fitted to them queues too little. The two loads are both needed: a
+linear model fitted to either alone misses the busy time of a held-out window (the two in
+opposite directions), fitted to both it does not (docs/controller.md has the figures). The
+driver also records the replica the simulator must reproduce (KV capacity at each k, layer
+count) and the unloaded TTFT, a multiple of which is the TTFT SLO (``eval.run``'s default rule).
 """
-
 from __future__ import annotations
 
 import argparse
@@ -35,6 +34,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -43,7 +43,6 @@ from rich.progress import Progress
 
 from envs.calibration import (
     COEFFICIENTS,
-    DEFAULT_CALIBRATION,
     CalibrationError,
     IterationModel,
     fit_iteration_model,
@@ -51,20 +50,15 @@ from envs.calibration import (
     parse_samples,
     save_calibration,
 )
-from envs.morph_env import TRAIN_FRAC, split_windows
+from envs.morph_env import TRAIN_FRAC, prepare_trace, split_windows
 from eval.replay import Replayer, measure_unloaded, prompt_ids, usable_token_ids
 from eval.servers import STATE_POLL_S
-from eval.traces import (
-    LengthMapping,
-    Trace,
-    TraceError,
-    burstiest_window,
-    load_trace,
-    map_lengths,
-    scale_time,
-    select_window,
-)
+from eval.traces import LengthMapping, Trace, TraceError, burstiest_window, select_window
 from sglang_morph.client import MorphClient, MorphRequestError
+from sglang_morph.data import resolve_model
+from sglang_morph.memory import default_budget
+from sglang_morph.paths import DEFAULT_CALIBRATION
+from sglang_morph.server_process import Server
 
 _NAN = float("nan")
 _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_NAN,
@@ -110,8 +104,8 @@ def _replay(url: str, vocab: np.ndarray, load: Trace, seed: int) -> None:
 
 async def _observed(replayer: Replayer) -> list:
     """Run the replay while reading /morph/state as the harness and the engine environment do
-    (``STATE_POLL_S``): each read costs the scheduler loop several ms, which the simulator must
-    include to match them."""
+    (``STATE_POLL_S``): each read runs in the scheduler loop, and the simulator must include
+    that time to match them."""
     client = MorphClient(replayer.base_url)
     poller = asyncio.create_task(client.poll_state(lambda state: None, STATE_POLL_S))
     try:
@@ -189,14 +183,9 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
 
 
 def _launch_and_drive(budget: str | None, loads: list[Trace], seed: int) -> dict:
-    from sglang_morph.data import resolve_model
-    from sglang_morph.memory import default_budget
-    from sglang_morph.server_process import Server
-
+    """Drive a fresh manual-policy server of the embedded model (default: evaluation's budget)."""
     budget = budget or str(default_budget(resolve_model(None)))
-
-    console = Console(stderr=True)
-    console.print(f"starting a manual-policy server with budget {budget} ...")
+    Console(stderr=True).print(f"starting a manual-policy server with budget {budget} ...")
     server = Server(["--morph-policy", "manual", "--morph-memory-budget", budget])
     try:
         return drive(server.url, resolve_model(None), loads, seed)
@@ -204,8 +193,8 @@ def _launch_and_drive(budget: str | None, loads: list[Trace], seed: int) -> dict
         server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Obtain samples, fit, print the coefficients and the fit report, write ``--out``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sample source, the drive's load, the fit's fallbacks, the output."""
     parser = argparse.ArgumentParser(prog="python -m envs.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -237,54 +226,64 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-s-per-token", type=float)
     parser.add_argument("--quantized-layer-s", type=float)
     parser.add_argument("--swap-s-per-layer", type=float)
-    args = parser.parse_args(argv)
-    try:
-        if args.launch or args.drive:
-            trace = scale_time(map_lengths(load_trace(args.trace), LengthMapping()),
-                               args.time_scale)
-            loads = drive_loads(trace, args.window_s, args.burst_s)
-        if args.launch:
-            raw, where = _launch_and_drive(args.budget, loads, args.seed), "measured: --launch"
-        elif args.server and args.drive:
-            from sglang_morph.data import resolve_model
+    return parser
 
-            url = args.server.rstrip("/")
-            raw, where = drive(url, resolve_model(None), loads, args.seed), f"measured: {url}"
-        elif args.server:
-            url = args.server.rstrip("/")
-            raw, where = _iterations(url), f"measured: {url}/morph/iterations"
-        else:
-            raw = json.loads(Path(args.samples).read_text())
-            where = f"samples file: {args.samples}"
-        if args.launch or args.drive or args.samples_out:
-            samples_out = Path(args.samples_out or str(Path(args.out).with_suffix("")) +
-                               "-samples.json")
-            samples_out.write_text(json.dumps(raw, separators=(",", ":")) + "\n")
-            where += f" (samples saved in {samples_out.name})"
-        fallback = _UNKNOWN if args.base == "none" else load_calibration(args.base)
-        overrides = {
-            "per_prefill_token_s": args.prefill_s_per_token,
-            "per_quantized_layer_s": args.quantized_layer_s,
-            "swap_s_per_layer": args.swap_s_per_layer,
-        }
-        fallback = replace(fallback, **{k: v for k, v in overrides.items() if v is not None})
-        samples, swaps = parse_samples(raw)
-        replica = raw.get("replica") if isinstance(raw, dict) else None
-        unloaded = ((int(replica["unloaded_prefill_tokens"]), float(replica["unloaded_ttft_s"]))
-                    if replica and "unloaded_prefill_tokens" in replica else None)
-        model, report = fit_iteration_model(samples, fallback, swaps, args.source or where,
-                                            unloaded)
-        unknown = [n for n in report["from_fallback"] if math.isnan(getattr(model, n))]
-        if unknown:
-            raise CalibrationError(
-                f"the samples cannot identify {', '.join(unknown)}; give them with flags or --base"
-            )
-    except (CalibrationError, TraceError, OSError, ValueError, requests.RequestException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def collect_samples(args: argparse.Namespace) -> tuple[Any, str]:
+    """The samples (decoded JSON) from the source the flags name, and where they came from."""
+    if args.samples:
+        return json.loads(Path(args.samples).read_text()), f"samples file: {args.samples}"
+    url = args.server.rstrip("/") if args.server else None
+    if url is not None and not args.drive:
+        return _iterations(url), f"measured: {url}/morph/iterations"
+    trace = prepare_trace(args.trace, LengthMapping(), args.time_scale)
+    loads = drive_loads(trace, args.window_s, args.burst_s)
+    if url is None:
+        return _launch_and_drive(args.budget, loads, args.seed), "measured: --launch"
+    return drive(url, resolve_model(None), loads, args.seed), f"measured: {url}"
+
+
+def save_samples(raw: Any, path: Path) -> str:
+    """Write the samples compactly (they are refitted later, never read by hand); returns the
+    note for the calibration's provenance."""
+    path.write_text(json.dumps(raw, separators=(",", ":")) + "\n")
+    return f" (samples saved in {path.name})"
+
+
+def fallback_model(args: argparse.Namespace) -> IterationModel:
+    """Where the coefficients the samples cannot identify come from: ``--base`` (or NaN with
+    ``none``), each overridden by its flag when given."""
+    fallback = _UNKNOWN if args.base == "none" else load_calibration(args.base)
+    overrides = {
+        "per_prefill_token_s": args.prefill_s_per_token,
+        "per_quantized_layer_s": args.quantized_layer_s,
+        "swap_s_per_layer": args.swap_s_per_layer,
+    }
+    return replace(fallback, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def fit(
+    raw: Any, fallback: IterationModel, source: str
+) -> tuple[IterationModel, dict, dict | None]:
+    """The fitted model, its report and the measured replica (None in a plain sample list);
+    CalibrationError if a coefficient is left unknown."""
+    samples, swaps = parse_samples(raw)
+    replica = raw.get("replica") if isinstance(raw, dict) else None
+    unloaded = ((int(replica["unloaded_prefill_tokens"]), float(replica["unloaded_ttft_s"]))
+                if replica and "unloaded_prefill_tokens" in replica else None)
+    model, report = fit_iteration_model(samples, fallback, swaps, source, unloaded)
+    unknown = [n for n in report["from_fallback"] if math.isnan(getattr(model, n))]
+    if unknown:
+        raise CalibrationError(
+            f"the samples cannot identify {', '.join(unknown)}; give them with flags or --base"
+        )
     if isinstance(raw, dict) and "note" in raw:
         report["samples_note"] = raw["note"]
-    save_calibration(model, report, args.out, replica)
+    return model, report, replica
+
+
+def print_fit(model: IterationModel, report: dict, replica: dict | None) -> None:
+    """Each coefficient with its origin, then the fit's quality and the replica."""
     print(f"source: {model.source}")
     for name in (*COEFFICIENTS, "swap_s_per_layer", "response_s"):
         origin = ("from --base or flag" if name in report["from_fallback"] else
@@ -296,6 +295,22 @@ def main(argv: list[str] | None = None) -> int:
           f"R^2 {report['r2']:.4f}")
     if replica:
         print(f"  replica {replica}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Obtain samples, fit, print the coefficients and the fit report, write ``--out``."""
+    args = build_parser().parse_args(argv)
+    try:
+        raw, where = collect_samples(args)
+        if args.launch or args.drive or args.samples_out:
+            default = str(Path(args.out).with_suffix("")) + "-samples.json"
+            where += save_samples(raw, Path(args.samples_out or default))
+        model, report, replica = fit(raw, fallback_model(args), args.source or where)
+    except (CalibrationError, TraceError, OSError, ValueError, requests.RequestException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    save_calibration(model, report, args.out, replica)
+    print_fit(model, report, replica)
     print(f"wrote {args.out}")
     return 0
 

@@ -3,12 +3,12 @@
 The simulator is only as good as its iteration times, so they come from the real engine: the
 runtime records one sample per scheduler iteration (served at ``GET /morph/iterations``) and
 ``python -m envs.calibrate`` fits this linear model to them. A linear model in prefill tokens,
-decode requests and quantized layers is enough at this scale (the measured decode steps are
-within ~10% of a line) and keeps the simulator's inner loop to one dot product.
+decode requests and quantized layers is enough at this scale (the measured decode steps lie
+close to a line) and keeps the simulator's inner loop to one dot product.
 
 What is fitted is the whole scheduler-loop pass (``loop_s``: tick, scheduling, forward, sending
-results, receiving requests), not the forward alone: on the 2-core CPU the rest of the loop adds
-a fifth to a third, and queueing under a burst is very sensitive to it. The time a request spends
+results, receiving requests), not the forward alone: on a small CPU the rest of the loop is a
+sizeable share of it, and queueing under a burst is very sensitive to it. The time a request spends
 outside the loop (HTTP, tokenizer manager, detokenizer, the client) is ``response_s``, added to
 every first token.
 """
@@ -66,8 +66,8 @@ class IterationModel:
     HTTP, the tokenizer manager and the detokenizer."""
     per_context_token_s: float = 0.0
     """Attention reads the whole context, so a step of long sequences can cost more than one of
-    short ones. For stories260K on CPU the fit finds nothing (clamped to 0): attention over a
-    few hundred tokens is noise next to the rest of the step."""
+    short ones. For a tiny model with short sequences the fit may find nothing and clamp it to
+    0: such attention is noise next to the rest of the step."""
 
     def iteration_s(
         self, prefill_tokens: int, decode_reqs: int, quantized_layers: int,
@@ -135,12 +135,12 @@ def fit_iteration_model(
     from fallback.
 
     LAD (the conditional median) rather than least squares: on a CPU shared with other jobs a
-    few forwards take 10-50x the typical time when the scheduler is descheduled, and least
-    squares lets those spikes set the intercept (it fitted a 130-ms "base" to forwards whose
-    median is 38 ms). LAD alone models the typical iteration and ignores what the spikes cost
-    in throughput (the simulator's P95 TTFT came out half the engine's), so the coefficients are
-    then scaled by one factor (``level_scale``) that makes the model's total time over the
-    samples equal the measured total: the shape from the median, the level from the mean.
+    few forwards take many times the typical time when the scheduler is descheduled, and least
+    squares lets those spikes set the intercept. LAD alone models the typical iteration and
+    ignores what the spikes cost in throughput (the simulator then queues too little), so the
+    coefficients are then scaled by one factor (``level_scale``) that makes the model's total
+    time over the samples equal the measured total: the shape from the median, the level from
+    the mean.
 
     A coefficient is identifiable when its column varies in the samples (e.g. samples taken with
     no layer quantized say nothing about ``per_quantized_layer_s``). Coefficients are kept
@@ -154,12 +154,47 @@ def fit_iteration_model(
     if len(samples) < 2:
         raise CalibrationError(f"need at least 2 iteration samples to fit, got {len(samples)}")
     y = np.array([s.loop_s for s in samples])
-    columns = {
+    coef, free, clamped = _median_shape(_columns(samples), y, fallback)
+    coef, level = _scaled_to_total(coef, samples, y)
+    swap_s = sum(s for _, s in swaps) / sum(n for n, _ in swaps) if swaps else None
+    model = IterationModel(
+        **coef,
+        swap_s_per_layer=fallback.swap_s_per_layer if swap_s is None else swap_s,
+        source=source,
+        response_s=fallback.response_s,
+    )
+    if unloaded is not None:
+        model = _with_response_time(model, *unloaded)
+    report = {
+        "samples": len(samples),
+        "fitted": ["base_s", *free],
+        "clamped_to_zero": clamped,
+        "from_fallback": [n for n in COEFFICIENTS if n not in ("base_s", *free, *clamped)]
+        + ([] if swap_s is not None else ["swap_s_per_layer"])
+        + ([] if unloaded is not None else ["response_s"]),
+        "method": "least absolute deviations (IRLS), scaled to the measured total time",
+        "level_scale": level,
+        **_errors(model, samples, y),
+    }
+    return model, report
+
+
+def _columns(samples: list[IterationSample]) -> dict[str, np.ndarray]:
+    """The regressors of each coefficient but the intercept, one column per coefficient."""
+    return {
         "per_prefill_token_s": np.array([s.prefill_tokens for s in samples], dtype=float),
         "per_decode_req_s": np.array([s.decode_reqs for s in samples], dtype=float),
         "per_quantized_layer_s": np.array([s.quantized_layers for s in samples], dtype=float),
         "per_context_token_s": np.array([s.context_tokens for s in samples], dtype=float),
     }
+
+
+def _median_shape(
+    columns: dict[str, np.ndarray], y: np.ndarray, fallback: IterationModel
+) -> tuple[dict[str, float], list[str], list[str]]:
+    """LAD coefficients of the columns that vary (the others keep the fallback's value), a
+    negative one fixed at 0 and the rest refitted until none is negative. Returns every
+    coefficient, the fitted names and the clamped ones."""
     coef = {name: getattr(fallback, name) for name in COEFFICIENTS}
     free = [name for name, col in columns.items() if np.ptp(col) > 0]
     clamped: list[str] = []
@@ -176,44 +211,41 @@ def fit_iteration_model(
         free = [n for n in free if n not in negative]
     coef["base_s"] = max(0.0, float(solution[0]))
     coef.update({n: float(v) for n, v in zip(free, solution[1:], strict=True)})
-    # The median iteration sets the shape; the level is scaled so that the model's total time
-    # over the samples equals the measured total: throughput, which sets queueing, is kept.
+    return coef, free, clamped
+
+
+def _scaled_to_total(
+    coef: dict[str, float], samples: list[IterationSample], y: np.ndarray
+) -> tuple[dict[str, float], float]:
+    """The coefficients times the one factor that makes the model's total time over the samples
+    equal the measured total (throughput, which sets queueing, is kept), and that factor."""
     shape = IterationModel(**coef, swap_s_per_layer=0.0, source="")
     modelled = sum(shape.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers,
                                      s.context_tokens) for s in samples)
     level = float(y.sum() / modelled) if modelled > 0 else 1.0
-    coef = {name: value * level for name, value in coef.items()}
-    swap_s = sum(s for _, s in swaps) / sum(n for n, _ in swaps) if swaps else None
-    model = IterationModel(
-        **coef,
-        swap_s_per_layer=fallback.swap_s_per_layer if swap_s is None else swap_s,
-        source=source,
-        response_s=fallback.response_s,
-    )
-    if unloaded is not None:
-        prompt_tokens, ttft_s = unloaded
-        prefill_s = model.iteration_s(prompt_tokens, 0, 0, prompt_tokens)
-        model = replace(model, response_s=max(0.0, ttft_s - prefill_s))
+    return {name: value * level for name, value in coef.items()}, level
+
+
+def _with_response_time(model: IterationModel, prompt_tokens: int, ttft_s: float) -> IterationModel:
+    """``model`` with ``response_s``: the part of an unloaded TTFT that the modelled iteration
+    of its prefill does not explain."""
+    prefill_s = model.iteration_s(prompt_tokens, 0, 0, prompt_tokens)
+    return replace(model, response_s=max(0.0, ttft_s - prefill_s))
+
+
+def _errors(model: IterationModel, samples: list[IterationSample], y: np.ndarray) -> dict:
+    """How well ``model`` predicts the samples: R^2, median and max relative error."""
     predicted = np.array(
         [model.iteration_s(s.prefill_tokens, s.decode_reqs, s.quantized_layers, s.context_tokens)
          for s in samples]
     )
     residual = y - predicted
     total = float(np.sum((y - y.mean()) ** 2))
-    report = {
-        "samples": len(samples),
-        "fitted": ["base_s", *free],
-        "clamped_to_zero": clamped,
-        "from_fallback": [n for n in COEFFICIENTS if n not in ("base_s", *free, *clamped)]
-        + ([] if swap_s is not None else ["swap_s_per_layer"])
-        + ([] if unloaded is not None else ["response_s"]),
-        "method": "least absolute deviations (IRLS), scaled to the measured total time",
-        "level_scale": level,
+    return {
         "r2": 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0,
         "median_rel_error": float(np.median(np.abs(residual) / y)),
         "max_rel_error": float(np.max(np.abs(residual) / y)),
     }
-    return model, report
 
 
 def _least_absolute_deviations(design: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -21,15 +21,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import requests
-
-from envs.backend import AdvanceResult, RequestRecord
-from eval.replay import Replayer, prompt_ids, usable_token_ids
-from eval.replay import RequestRecord as ReplayRecord
+from envs.backend import AdvanceResult, ServedRequest
+from eval.replay import Replayer, RequestRecord, prompt_ids, usable_token_ids
 from eval.traces import Trace
 from rl_controller.observation import LoadSnapshot
 from sglang_morph.client import MorphClient, MorphRequestError
-from sglang_morph.paths import default_profile
+from sglang_morph.data import resolve_model
+from sglang_morph.memory import default_budget
+from sglang_morph.paths import absolute, default_profile
+from sglang_morph.server_process import Server
 
 DEFAULT_PROFILE = default_profile("int4")
 """Layer-importance profile of the shipped policy (its quality table follows this order)."""
@@ -45,8 +45,9 @@ class EngineBackend:
     """``ServingBackend`` over a real sglang-morph server in manual mode.
 
     Pass ``url`` to drive a server that is already running (``--morph-policy manual``), or
-    leave it out to start one (``sglang_morph.server_process.Server``, with ``budget`` and the
-    layer order of ``profile``) that ``close`` stops.
+    leave it out to start one (``sglang_morph.server_process.Server``, with ``budget``, the
+    layer order of ``profile`` and ``model_path``) that ``close`` stops; the server runs in
+    another directory, so the paths it is given are made absolute.
     ``ttft_slo_s`` must be the SLO the policy is judged by; a started server gets it as
     ``--morph-ttft-slo`` so that the observation's ``oldest_wait / slo`` means the same.
     """
@@ -63,26 +64,24 @@ class EngineBackend:
         seed: int = 0,
         idle_timeout_s: float = 120.0,
     ) -> None:
-        from sglang_morph.data import resolve_model
-
         self.ttft_slo_s = ttft_slo_s
         self.seed = seed
         self.idle_timeout_s = idle_timeout_s
         self._server = None
+        model = resolve_model(model_path)
         if url is None:
-            from sglang_morph.memory import default_budget
-            from sglang_morph.server_process import Server
-
-            budget = budget or str(default_budget(resolve_model(model_path)))
+            budget = budget or str(default_budget(model))
             args = ["--morph-policy", "manual", "--morph-memory-budget", budget,
                     "--morph-ttft-slo", f"{ttft_slo_s:.6f}", *server_args]
             if profile is not None:
-                args += ["--morph-profile", str(profile)]
+                args += ["--morph-profile", absolute(profile)]
+            if model_path is not None:
+                args += ["--model-path", absolute(model)]
             self._server = Server(args)
             url = self._server.url
         self.url = url.rstrip("/")
         self.client = MorphClient(self.url)
-        self.vocab = usable_token_ids(resolve_model(model_path))
+        self.vocab = usable_token_ids(model)
         self._desired: dict[int, str] = {}
         state = self.state()
         if state.get("policy") != "manual":
@@ -92,7 +91,7 @@ class EngineBackend:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
-        self._records: list[ReplayRecord] = []
+        self._records: list[RequestRecord] = []
         self._t0 = 0.0
         self._clock = 0.0
         self._reported: set[int] = set()
@@ -124,8 +123,8 @@ class EngineBackend:
         The runtime applies it at its next tick (a restore waits for its KV to be free).
 
         The layers' desired formats come from the last state read (this backend is the only
-        one commanding the manual-policy server), not a new read: each read costs the
-        scheduler loop several ms, and one per tick is what the simulator is calibrated with."""
+        one commanding the manual-policy server), not a new read: each read runs in the
+        scheduler loop, and one per tick is what the simulator is calibrated with."""
         want = set(self.layer_order[:target])
         desired = self._desired
         self._swap(sorted(i for i in want if desired[i] == "fp"), "int4")
@@ -192,7 +191,7 @@ class EngineBackend:
             if record.index in self._reported or record.e2e_s is None or not record.ok:
                 continue
             self._reported.add(record.index)
-            finished.append(RequestRecord(record.arrival_s, record.prompt_tokens,
+            finished.append(ServedRequest(record.arrival_s, record.prompt_tokens,
                                           record.output_tokens, record.ttft_s, record.e2e_s))
         newly_late, self._late_reported = len(self._late) - self._late_reported, len(self._late)
         swapped = state["transitions"] - self._transitions
@@ -213,7 +212,7 @@ class EngineBackend:
         with contextlib.suppress(asyncio.CancelledError):
             self._loop.run_until_complete(self._task)
 
-    def failed_requests(self) -> list[ReplayRecord]:
+    def failed_requests(self) -> list[RequestRecord]:
         """Requests of the current window that ended in an error (should be none)."""
         return [r for r in self._records if r.error is not None]
 
@@ -240,7 +239,7 @@ class EngineBackend:
             self._server = None
 
 
-def _late(record: ReplayRecord, now: float, slo: float) -> bool:
+def _late(record: RequestRecord, now: float, slo: float) -> bool:
     """Whether the request's TTFT is (or is now certain to be) over the SLO."""
     if record.ttft_s is not None:
         return record.ttft_s > slo

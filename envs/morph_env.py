@@ -26,7 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from envs.backend import ServingBackend
-from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_calibration, load_replica
+from envs.calibration import IterationModel, load_calibration, load_replica
 from envs.reward import (
     DEFAULT_QUALITY_TABLE,
     RewardWeights,
@@ -37,6 +37,7 @@ from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import LengthMapping, Trace, load_trace, map_lengths, scale_time, select_window
 from rl_controller.observation import OBS_SIZE, LoadSnapshot, observation_vector
 from rl_controller.policy import DELTA_ACTIONS, clip_action
+from sglang_morph.paths import DEFAULT_CALIBRATION
 
 Window = tuple[float, float]
 
@@ -46,10 +47,10 @@ def prepare_trace(name_or_path: str, mapping: LengthMapping, time_scale: float) 
     return scale_time(map_lengths(load_trace(name_or_path), mapping), time_scale)
 
 
-def _calibration_file(calibration: IterationModel | str | None) -> str | Path:
+def _calibration_file(calibration: IterationModel | str | Path | None) -> str | Path:
     """The calibration file whose replica section (capacity, SLO, budget) the environment
     serves: the one named, else the default (an in-memory model has no replica)."""
-    return calibration if isinstance(calibration, str) else DEFAULT_CALIBRATION
+    return calibration if isinstance(calibration, (str, Path)) else DEFAULT_CALIBRATION
 
 
 TRAIN_FRAC = 0.7
@@ -101,7 +102,7 @@ class MorphEnv(gym.Env):
         time_scale: float = 1.0,
         length_mapping: LengthMapping | None = None,
         backend: str | ServingBackend = "simulator",
-        calibration: IterationModel | str | None = None,
+        calibration: IterationModel | str | Path | None = None,
         replica: ReplicaConfig | None = None,
         quality_table: Sequence[float] | None = None,
         weights: RewardWeights | None = None,
@@ -147,11 +148,12 @@ class MorphEnv(gym.Env):
         self._duration = 0.0
 
     def _make_backend(
-        self, backend: str | ServingBackend, calibration: IterationModel | str | None
+        self, backend: str | ServingBackend, calibration: IterationModel | str | Path | None
     ) -> ServingBackend:
         if not isinstance(backend, str):
             return backend
         if backend == "engine":
+            # Imported here: the simulator alone needs no HTTP client stack.
             from envs.engine_backend import EngineBackend
 
             # A fresh manual-policy server with the calibration's budget, judged by the

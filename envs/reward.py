@@ -18,23 +18,22 @@ from pathlib import Path
 
 DEFAULT_QUALITY_TABLE: tuple[float, ...] = (0.0, 0.06, 0.14, 0.25, 0.38, 0.54)
 """Perplexity increase on TinyStories of stories260K with its k least important layers in int4
-(round-to-nearest, group 32), from the shared data README: base 3.55, best single layer 3.61
-(+0.06), all five layers 4.09 (+0.54). k = 2..4 are a convex interpolation between those two
-measured points (single-layer deltas range 0.06-0.12 and combine super-additively); replace it
-with a profiled table (``--quality`` / ``load_quality_table``)."""
+(round-to-nearest, group 32): k = 1 and k = 5 from the shared data README's perplexities (the
+best single layer, every layer), k = 2..4 a convex interpolation between them, since
+single-layer losses combine super-additively. A stand-in until a profiled table is given
+(``--quality`` / ``load_quality_table``)."""
 
 
 @dataclass(frozen=True)
 class RewardWeights:
     """Prices of the three costs, in units of one SLO violation.
 
-    With the measured int4 table (``docs/figures/quality-int4.json``: ppl +0.29 with all five
-    layers in int4), the default quality weight makes 100 tokens served with every layer in int4
-    cost 1.4 violations, so quantizing pays off when it saves a late request per ~70 tokens
-    served: under a burst, not at steady load. Lower weights (0.01-0.04) trained policies with
-    fewer violations than the heuristic but a higher quality cost; 0.05 gives fewer of both
-    (docs/controller.md). A swap costs a twentieth of a violation: enough to discourage churn,
-    small next to one late request.
+    The quality weight sets how many degraded tokens one late request is worth: with the
+    measured int4 table (``docs/figures/quality-int4.json``) the default makes quantizing pay
+    off under a burst, not at steady load; lower weights trained policies with fewer violations
+    than the heuristic but a higher quality cost (docs/controller.md has the sweep). A swap
+    costs a small fraction of a violation: enough to discourage churn, small next to one late
+    request.
     """
 
     slo: float = 1.0

@@ -13,19 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from envs.episodes import env_from_metadata
 from envs.morph_env import MorphEnv, Window
+from envs.policies import POLICY_NAMES, make_policy
 from eval.traces import select_window
-from rl_controller.evaluate import env_from_metadata
-from rl_controller.heuristic import HeuristicPolicy
-from rl_controller.policy import ConstantPolicy, Policy
-from rl_controller.rl_policy import FallbackPolicy, read_metadata
+from rl_controller.policy import Policy
+from rl_controller.rl_policy import read_metadata
+from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 
 @dataclass
@@ -40,19 +41,6 @@ class BackendRun:
     p95_ttft_s: float
     swapped_layers: int
     mean_layers: float
-
-
-def make_policy(name: str, checkpoint: str) -> Policy:
-    """``fp`` (always 0 int4 layers), ``int4`` (always all), ``heuristic`` or ``rl``."""
-    if name == "fp":
-        return ConstantPolicy(0)
-    if name == "int4":
-        return ConstantPolicy("all")
-    if name == "heuristic":
-        return HeuristicPolicy()
-    if name == "rl":
-        return FallbackPolicy.from_checkpoint(checkpoint)
-    raise ValueError(f"unknown policy {name!r}; accepted: fp, int4, heuristic, rl")
 
 
 def replay(env: MorphEnv, policy: Policy, drain_s: float, label: str) -> BackendRun:
@@ -91,14 +79,29 @@ def busiest(env: MorphEnv) -> int:
     return int(np.argmax(counts))
 
 
+def print_runs(runs: list[BackendRun], console: Console) -> None:
+    """The two backends' replays side by side."""
+    table = Table(title="simulator vs real engine, same window and controller")
+    for column in ("backend", "finished", "SLO violations", "P50 TTFT ms", "P95 TTFT ms",
+                   "layer swaps", "mean int4 layers"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for r in runs:
+        table.add_row(r.backend, f"{r.finished}/{r.requests}", str(r.late),
+                      f"{r.p50_ttft_s * 1e3:.0f}", f"{r.p95_ttft_s * 1e3:.0f}",
+                      str(r.swapped_layers), f"{r.mean_layers:.2f}")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, replay on both backends, print the comparison (and --out JSON)."""
     parser = argparse.ArgumentParser(prog="python -m envs.sim_vs_real", description=__doc__)
-    parser.add_argument("--checkpoint", default="checkpoints/morph-ppo.zip",
-                        help="its metadata gives trace, time scale, lengths, windows, replica")
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                        help="its metadata gives trace, time scale, lengths, windows, replica "
+                        "(default: the shipped policy)")
     parser.add_argument("--window-index", type=int, default=None,
                         help="held-out window to replay (default: the busiest)")
-    parser.add_argument("--policy", default="fp", help="fp, int4, heuristic or rl (default: fp)")
+    parser.add_argument("--policy", default="fp", choices=POLICY_NAMES,
+                        help="controller of both runs (default: fp)")
     parser.add_argument("--tick-s", type=float, default=0.25,
                         help="controller tick of both runs (the engine's HTTP round trips "
                         "need more than the 50-ms training tick)")
@@ -121,22 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(replay(env, policy, args.drain_s, backend))
         finally:
             env.close()
-    table = Table(title="simulator vs real engine, same window and controller")
-    for column in ("backend", "finished", "SLO violations", "P50 TTFT ms", "P95 TTFT ms",
-                   "layer swaps", "mean int4 layers"):
-        table.add_column(column, justify="left" if column == "backend" else "right")
-    for r in runs:
-        table.add_row(r.backend, f"{r.finished}/{r.requests}", str(r.late),
-                      f"{r.p50_ttft_s * 1e3:.0f}", f"{r.p95_ttft_s * 1e3:.0f}",
-                      str(r.swapped_layers), f"{r.mean_layers:.2f}")
-    console.print(table)
+    print_runs(runs, console)
     sim, real = runs
     error = (sim.p95_ttft_s - real.p95_ttft_s) / real.p95_ttft_s if real.p95_ttft_s else 0.0
     console.print(f"simulator P95 TTFT relative to the engine's: {error:+.1%} (target within 20%)")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"window": window, "window_index": index, "policy": args.policy,
-                       "runs": [r.__dict__ for r in runs], "p95_ttft_rel_error": error}, fh,
+                       "runs": [asdict(r) for r in runs], "p95_ttft_rel_error": error}, fh,
                       indent=2)
     return 0
 

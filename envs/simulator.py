@@ -30,15 +30,11 @@ from collections import deque
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from envs.backend import AdvanceResult, RequestRecord
+from envs.backend import AdvanceResult, ServedRequest
 from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_replica
 from eval.traces import Trace, TraceRequest
-from rl_controller.observation import (
-    RATE_WINDOW_S,
-    TRANSITION_WINDOW_S,
-    ArrivalRateMeter,
-    LoadSnapshot,
-)
+from rl_controller.clock import LoadClock
+from rl_controller.observation import LoadSnapshot, RawLoad, build_snapshot
 
 
 @dataclass(frozen=True)
@@ -98,10 +94,8 @@ class Simulator:
         self._running: list[_Req] = []
         self._kv_used = 0
         self.quantized_layers = 0
-        self._arrivals = ArrivalRateMeter(RATE_WINDOW_S)
-        self._transitions = ArrivalRateMeter(TRANSITION_WINDOW_S)
-        self._last_transition_s = 0.0
-        self.records: list[RequestRecord] = []
+        self.clock = LoadClock(start_s=0.0)
+        self.records: list[ServedRequest] = []
 
     @property
     def capacity(self) -> int:
@@ -139,8 +133,7 @@ class Simulator:
                 )
             self.now += self.model.swap_s_per_layer * swapped
             self.quantized_layers = target_layers
-            self._transitions.record(self.now, swapped)
-            self._last_transition_s = self.now
+            self.clock.transition(self.now, swapped)
         self._clock += dt
         finished_before, generated, late = len(self.records), 0, 0
         while True:
@@ -165,7 +158,7 @@ class Simulator:
             req = _Req(pending.popleft())
             self._waiting.append(req)
             self._queued_tokens += req.prompt
-            self._arrivals.record(req.trace.arrival_s)
+            self.clock.arrival(req.trace.arrival_s)
 
     def _iteration(self) -> tuple[int, int]:
         """One scheduler iteration (or an idle jump); returns (tokens generated, newly late)."""
@@ -269,7 +262,7 @@ class Simulator:
         t = req.trace
         assert req.first_token_s is not None
         self.records.append(
-            RequestRecord(
+            ServedRequest(
                 t.arrival_s, t.input_tokens, t.output_tokens,
                 req.first_token_s - t.arrival_s, self.now + self.model.response_s - t.arrival_s,
             )
@@ -288,33 +281,35 @@ class Simulator:
                 late += 1
         return late
 
-    def snapshot(self) -> LoadSnapshot:
-        """The controller's view of the replica now."""
+    def raw_load(self) -> RawLoad:
+        """The replica's load now, counted as the runtime counts SGLang's
+        (``sglang_morph.scheduler_view``): admission's promised decodes, the head's demand as its
+        prompt plus its own promised decodes."""
         c = self.config
         waiting = self._waiting
-        oldest = next((r.trace.arrival_s for r in waiting if r.first_token_s is None), self.now)
-        capacity = self.capacity
-        # As the runtime reports them (sglang_morph.controller): promised decode tokens count
-        # as used, and the head's demand is its prompt plus its own promised decodes.
-        used = min(capacity, self._kv_used + self._promised())
         head = waiting[0] if waiting else None
-        return LoadSnapshot(
+        capacity = self.capacity
+        return RawLoad(
             queue_len=len(waiting),
             queued_prompt_tokens=self._queued_tokens,
-            head_prefill_tokens=(
+            head_demand_tokens=(
                 head.prompt + head.trace.output_tokens - head.generated if head else 0
             ),
             running_reqs=len(self._running) + (self._prefilling is not None),
             kv_capacity_tokens=capacity,
-            kv_used_tokens=used,
-            kv_free_tokens=capacity - used,
+            kv_held_tokens=self._kv_used,
+            kv_free_slots=capacity - self._kv_used,
             kv_evictable_tokens=0,
-            arrival_rate=self._arrivals.rate(self.now),
-            oldest_wait_s=self.now - oldest,
+            kv_promised_tokens=self._promised(),
+            oldest_arrival_s=next(
+                (r.trace.arrival_s for r in waiting if r.first_token_s is None), None
+            ),
             ttft_slo_s=c.ttft_slo_s,
             quantized_layers=self.quantized_layers,
             num_layers=c.num_layers,
             tokens_per_layer=c.tokens_per_layer,
-            recent_transitions=self._transitions.count(self.now),
-            seconds_since_transition=self.now - self._last_transition_s,
         )
+
+    def snapshot(self) -> LoadSnapshot:
+        """The controller's view of the replica now."""
+        return build_snapshot(self.raw_load(), self.clock, self.now)

@@ -25,8 +25,8 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sglang_morph.model_info import read_config
 from eval.traces import TraceRequest
+from sglang_morph.model_info import read_config
 
 _PROBE_SEED = 7919
 """Seed of the latency probes' prompts, distinct from the replay's so no prefix is shared."""

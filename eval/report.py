@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eval.replay import RequestRecord
+from eval.run_dir import write_text_atomic
 
 REFERENCE = "fp"
 QUALITY_REFERENCE = "static-int4"
@@ -109,6 +110,18 @@ def conditions(summary: Mapping) -> list[str]:
     return lines
 
 
+def _name(name: str, row: Mapping) -> str:
+    """A system's name in tables, marked when any of its reps failed."""
+    return f"{name} (FAILED)" if row.get("failures") else name
+
+
+def failure_lines(summary: Mapping) -> list[str]:
+    """One line per failed system-rep, with its reason."""
+    return [
+        f"{f['system']} rep {f['rep']} FAILED: {f['reason']}" for f in summary.get("failures", [])
+    ]
+
+
 def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
     """report.md: conditions, the per-system table, morph-vs-fp ratios and figure links."""
     lines = ["# MorphServe evaluation", ""]
@@ -117,7 +130,10 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for name, row in summary.get("systems", {}).items():
         cells = [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_name(name, row)} | " + " | ".join(cells) + " |")
+    failures = failure_lines(summary)
+    if failures:
+        lines += ["", "Failed:", ""] + [f"- {line}" for line in failures]
     ratios = comparisons(summary)
     if ratios:
         lines += ["", "Against fp (same budget, same requests):", ""]
@@ -137,11 +153,11 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
 
 
 def write_summary(out_dir: Path, summary: Mapping) -> None:
-    """summary.json and report.md (figures are linked when already present)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """summary.json and report.md, each replaced whole (figures are linked when already
+    present)."""
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     figures = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*.png"))
-    (out_dir / "report.md").write_text(markdown(summary, figures))
+    write_text_atomic(out_dir / "report.md", markdown(summary, figures))
 
 
 def write_records(path: Path, rows: Sequence[Mapping]) -> None:
@@ -233,8 +249,10 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
     for _, header, _ in COLUMNS:
         table.add_column(header, justify="right")
     for name, row in summary.get("systems", {}).items():
-        table.add_row(name, *(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS))
+        table.add_row(_name(name, row), *(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS))
     console.print(table)
+    for line in failure_lines(summary):
+        console.print(f"[red]{line}[/]")
     for name, r in comparisons(summary).items():
         red, speed, cost = _ratio_texts(r)
         console.print(

@@ -46,14 +46,14 @@ def system_flags(system: str, budget_bytes: int, rl_checkpoint: str) -> list[str
 
 def start_server(
     model_path: str,
-    port: int,
+    port: int | None,
     flags: Sequence[str],
     log_path: Path,
     host: str = "127.0.0.1",
     health_timeout_s: float = 240.0,
 ) -> Server:
-    """Launch one system's server on ``port`` and return once ``GET /health`` answers 200
-    (ServerError, with the log tail, otherwise)."""
+    """Launch one system's server on ``port`` (a free one when None) and return once
+    ``GET /health`` answers 200 (ServerError, with the log tail, otherwise)."""
     return Server(
         ["--model-path", model_path, *flags],
         port=port,
@@ -92,8 +92,8 @@ def timeline_row(t: float, state: dict) -> dict:
 
 STATE_POLL_S = 0.25
 """How often the harness reads /morph/state. Each read runs in the scheduler loop (SGLang's
-get_internal_state) and costs it several ms on the 2-core CPU, so this is part of the load every
-measured system carries; ``envs.calibrate`` reads at the same rate while it measures."""
+get_internal_state) and takes scheduler time, so this is part of the load every measured system
+carries; ``envs.calibrate`` reads at the same rate while it measures."""
 
 
 async def poll_state(

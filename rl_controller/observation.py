@@ -1,27 +1,23 @@
 """The controller's view of the server: one snapshot type and one way to turn it into features.
 
-The runtime (live SGLang scheduler), the simulator and training all build ``LoadSnapshot`` and
-call ``observation_vector``; a policy trained in the simulator therefore sees exactly the
-features the runtime will feed it. Any change to the features must bump ``OBS_VERSION``: RL
-checkpoints record the version they were trained with and are refused on a mismatch.
+The runtime (live SGLang scheduler) and the simulator (training) each count their raw load into a
+``RawLoad`` and turn it into a ``LoadSnapshot`` with ``build_snapshot`` and their
+``rl_controller.clock.LoadClock``; both call ``observation_vector``, so a policy trained in the
+simulator sees exactly the features the runtime will feed it. Any change to the features must
+bump ``OBS_VERSION``: RL checkpoints record the version they were trained with and are refused
+on a mismatch.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from rl_controller.clock import LoadClock
+
 OBS_VERSION: int = 1
-
-RATE_WINDOW_S = 5.0
-"""Window of ``arrival_rate``: long enough to smooth single arrivals, short enough to see a
-burst start within a couple of controller ticks."""
-
-TRANSITION_WINDOW_S = 10.0
-"""Window of ``recent_transitions``: how far back the controller is reminded of its own churn."""
 
 
 @dataclass(frozen=True)
@@ -131,33 +127,59 @@ def observation_vector(s: LoadSnapshot) -> np.ndarray:
     return np.array(values, dtype=np.float32)
 
 
-class ArrivalRateMeter:
-    """Counts events (request arrivals, or layer transitions) in a sliding time window.
+@dataclass(frozen=True)
+class RawLoad:
+    """What a replica counts at a tick, before the controller's accounting is applied.
 
-    Shared by the runtime and the simulator so that ``arrival_rate`` and ``recent_transitions``
-    mean the same thing in training and in serving. Timestamps are seconds on any monotonic
-    clock (wall clock in the runtime, simulated time in the simulator) and must not decrease.
+    ``kv_held_tokens`` are slots held by requests or by locked cache entries (quarantined ones
+    included); ``kv_free_slots`` are unallocated usable slots; ``kv_promised_tokens`` are the
+    decode tokens admission keeps for the running requests' remaining outputs.
+    ``head_demand_tokens`` is what admitting the head request needs (its prompt plus its own
+    promised decodes); ``oldest_arrival_s`` is when the longest-waiting request arrived (None:
+    nothing waits).
     """
 
-    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
-        if window_s <= 0:
-            raise ValueError(f"window_s must be positive, got {window_s}")
-        self.window_s = window_s
-        self._events: deque[float] = deque()
+    queue_len: int
+    queued_prompt_tokens: int
+    head_demand_tokens: int
+    running_reqs: int
+    kv_capacity_tokens: int
+    kv_held_tokens: int
+    kv_free_slots: int
+    kv_evictable_tokens: int
+    kv_promised_tokens: int
+    oldest_arrival_s: float | None
+    ttft_slo_s: float
+    quantized_layers: int
+    num_layers: int
+    tokens_per_layer: int
 
-    def record(self, t: float, n: int = 1) -> None:
-        """Note ``n`` events at time ``t``."""
-        self._events.extend([t] * n)
 
-    def count(self, now: float) -> int:
-        """Events in ``(now - window_s, now]``; older ones are forgotten."""
-        cutoff = now - self.window_s
-        events = self._events
-        while events and events[0] <= cutoff:
-            events.popleft()
-        return len(events)
+def build_snapshot(raw: RawLoad, clock: LoadClock, now: float) -> LoadSnapshot:
+    """The snapshot of ``raw`` at ``now``, with SGLang admission's KV accounting.
 
-    def rate(self, now: float) -> float:
-        """Events per second over the window (divided by the full window even at start-up, so
-        the first seconds read low rather than spiking on the first arrival)."""
-        return self.count(now) / self.window_s
+    Free slots promised to running decodes are not free for the queue (SGLang's PrefillAdder
+    admits a prefill only beside them): they count as used, up to the free slots there are.
+    Counting them as free would hide exactly the pressure that matters.
+    """
+    free_slots = max(0, raw.kv_free_slots)
+    reserved = min(max(0, raw.kv_promised_tokens), free_slots)
+    oldest = raw.oldest_arrival_s
+    return LoadSnapshot(
+        queue_len=raw.queue_len,
+        queued_prompt_tokens=raw.queued_prompt_tokens,
+        head_prefill_tokens=raw.head_demand_tokens,
+        running_reqs=raw.running_reqs,
+        kv_capacity_tokens=raw.kv_capacity_tokens,
+        kv_used_tokens=raw.kv_held_tokens + reserved,
+        kv_free_tokens=free_slots - reserved,
+        kv_evictable_tokens=raw.kv_evictable_tokens,
+        arrival_rate=clock.arrival_rate(now),
+        oldest_wait_s=0.0 if oldest is None else max(0.0, now - oldest),
+        ttft_slo_s=raw.ttft_slo_s,
+        quantized_layers=raw.quantized_layers,
+        num_layers=raw.num_layers,
+        tokens_per_layer=raw.tokens_per_layer,
+        recent_transitions=clock.recent_transitions(now),
+        seconds_since_transition=clock.seconds_since_transition(now),
+    )

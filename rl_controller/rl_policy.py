@@ -1,28 +1,36 @@
-"""A PPO-trained controller, and the wrapper that keeps serving safe when it cannot be trusted.
+"""A PPO-trained controller, run in numpy from the actor file exported beside its checkpoint.
 
-``RLPolicy.load`` reads a stable-baselines3 checkpoint and its metadata JSON (same stem,
-``.json``), refuses anything that was trained on other observation features, and copies the
-actor network into numpy: a decision is then three small matrix products (microseconds, no torch
-dispatch on the scheduler's hot path). ``FallbackPolicy`` is what the runtime should use: it
-never raises, and answers with the heuristic whenever the network is unavailable or its output
-is not finite.
+A checkpoint is three files with one stem: ``NAME.zip`` (stable-baselines3's PPO, for training
+and export), ``NAME.json`` (metadata: observation version and size, action mode, training
+set-up) and ``NAME.actor.npz`` (the actor network's weights, written by
+``python -m rl_controller.actor_export NAME.zip``). Serving reads only the last two: a decision
+is then a few small matrix products (no torch dispatch on the scheduler's hot path, no SB3 in
+the scheduler process). ``RLPolicy.load`` refuses anything it cannot run exactly as trained and
+says which file is wrong and what was expected.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
+from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import OBS_SIZE, OBS_VERSION, LoadSnapshot, observation_vector
 from rl_controller.policy import DELTA_ACTIONS
 
-logger = logging.getLogger(__name__)
+ACTIVATIONS = {"Tanh": np.tanh, "ReLU": lambda x: np.maximum(x, 0.0)}
+"""Activations the numpy actor implements, by the name of SB3's torch module."""
 
-_ACTIVATIONS = {"Tanh": np.tanh, "ReLU": lambda x: np.maximum(x, 0.0)}
+ACTOR_SUFFIX = ".actor.npz"
+LOGIT_ATOL = 1e-4
+"""How far the numpy actor's log-probabilities may be from SB3's on the recorded probes."""
+
+Layer = tuple[np.ndarray, np.ndarray, str | None]
+"""One actor layer: weight (out x in), bias, activation name (None: linear)."""
 
 
 class CheckpointError(RuntimeError):
@@ -30,7 +38,7 @@ class CheckpointError(RuntimeError):
 
 
 class PolicyOutputError(ValueError):
-    """The network gave no usable decision for this snapshot (non-finite output, wrong model)."""
+    """The network gave no usable decision for this snapshot (non-finite output)."""
 
 
 def metadata_path(checkpoint: str | Path) -> Path:
@@ -38,77 +46,117 @@ def metadata_path(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_suffix(".json")
 
 
+def actor_path(checkpoint: str | Path) -> Path:
+    """The exported actor that belongs to a checkpoint ``NAME.zip``: ``NAME.actor.npz``."""
+    return Path(checkpoint).with_suffix(ACTOR_SUFFIX)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex digest of a file: ties an exported actor to the exact checkpoint it came from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def read_metadata(checkpoint: str | Path) -> dict:
     """The checkpoint's metadata, checked against this code's observation definition."""
     path = metadata_path(checkpoint)
     try:
         meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read checkpoint metadata {path}: {err}") from err
+    except FileNotFoundError as err:
+        raise CheckpointError(
+            f"checkpoint metadata {path} does not exist (training writes it beside "
+            f"{Path(checkpoint).name})"
+        ) from err
+    except OSError as err:
+        raise CheckpointError(f"cannot read checkpoint metadata {path}: {err.strerror}") from err
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint metadata {path} is not JSON: {err}") from err
     if not isinstance(meta, dict):
         raise CheckpointError(f"checkpoint metadata {path} is not a JSON object")
     if meta.get("obs_version") != OBS_VERSION or meta.get("obs_size") != OBS_SIZE:
         raise CheckpointError(
-            f"checkpoint {checkpoint} was trained on observation version "
-            f"{meta.get('obs_version')} (size {meta.get('obs_size')}); this code builds version "
-            f"{OBS_VERSION} (size {OBS_SIZE}): retrain it"
+            f"checkpoint metadata {path} says observation version {meta.get('obs_version')} "
+            f"(size {meta.get('obs_size')}); this code builds version {OBS_VERSION} "
+            f"(size {OBS_SIZE}): retrain it"
+        )
+    if meta.get("action_mode") != "delta":
+        raise CheckpointError(
+            f"checkpoint metadata {path} says action mode {meta.get('action_mode')!r}; this code "
+            f"expects 'delta' (actions {DELTA_ACTIONS})"
         )
     return meta
 
 
+def forward(layers: list[Layer], obs: np.ndarray) -> np.ndarray:
+    """Action logits of an actor given as ``layers`` for one observation vector."""
+    x = np.asarray(obs, dtype=np.float64)
+    for weight, bias, activation in layers:
+        x = weight @ x + bias
+        if activation is not None:
+            x = ACTIVATIONS[activation](x)
+    return x
+
+
+def log_probs(logits: np.ndarray) -> np.ndarray:
+    """Logits normalised as SB3's categorical distribution reports them."""
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True))
+
+
 class RLPolicy:
-    """Greedy (argmax) decisions of a PPO actor network over ``DELTA_ACTIONS``, in numpy."""
+    """Greedy (argmax) decisions of a PPO actor network over ``DELTA_ACTIONS``, in numpy.
+
+    The observation holds fractions and the action is a delta, so nothing here depends on the
+    model's layer count: a policy trained on one model runs on another.
+    """
 
     name = "rl"
 
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, str | None]], meta: dict):
-        """``layers``: (weight, bias, activation name or None) of the actor, input to logits."""
+    def __init__(self, layers: list[Layer], meta: dict, path: str | None = None) -> None:
+        """``layers``: the actor, input to logits; ``path``: the checkpoint it came from."""
         self.layers = layers
         self.meta = meta
-        self.num_layers = int(meta["num_layers"])
+        self.path = path
 
     @classmethod
-    def load(cls, path: str | Path) -> RLPolicy:
-        """Load ``path`` (a .zip) and its metadata; CheckpointError on any problem."""
-        if not Path(path).is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-        meta = read_metadata(path)
-        try:
-            # Imported here: the runtime can run the heuristic even where SB3 is broken.
-            from stable_baselines3 import PPO
-
-            policy = PPO.load(str(path), device="cpu").policy
-            layers = _actor_layers(policy)
-        except CheckpointError:
-            raise
-        except Exception as err:  # a corrupt zip fails in many ways (zipfile, torch, pickle)
-            raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
-        n_actions = layers[-1][0].shape[0]
-        if meta.get("action_mode") != "delta" or n_actions != len(DELTA_ACTIONS):
+    def load(cls, checkpoint: str | Path) -> RLPolicy:
+        """The policy of ``NAME.zip`` from ``NAME.json`` and ``NAME.actor.npz`` (numpy only);
+        CheckpointError names the file at fault and what was expected."""
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise CheckpointError(f"checkpoint {checkpoint} does not exist")
+        meta = read_metadata(checkpoint)
+        actor = actor_path(checkpoint)
+        if not actor.is_file():
             raise CheckpointError(
-                f"checkpoint {path} has {n_actions} actions in mode {meta.get('action_mode')!r};"
-                f" this code expects mode 'delta' with actions {DELTA_ACTIONS}"
+                f"actor file {actor} does not exist: export it with "
+                f"`python -m rl_controller.actor_export {checkpoint}`"
             )
-        rl = cls(layers, meta)
-        _check_matches_torch(rl, policy, path)
-        return rl
+        try:
+            with np.load(actor, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as err:  # a damaged npz fails in many ways (zipfile, format, OS)
+            raise CheckpointError(f"cannot read actor file {actor}: {err}") from err
+        layers = _layers_from_arrays(arrays, actor)
+        if str(arrays["checkpoint_sha256"]) != file_sha256(checkpoint):
+            raise CheckpointError(
+                f"actor file {actor} was exported from another version of {checkpoint}: "
+                f"export it again with `python -m rl_controller.actor_export {checkpoint}`"
+            )
+        got = log_probs(np.stack([forward(layers, p) for p in arrays["probes"]]))
+        if not np.allclose(got, arrays["probe_log_probs"], atol=LOGIT_ATOL):
+            raise CheckpointError(
+                f"actor file {actor}: its network does not reproduce the log-probabilities "
+                "recorded from SB3 at export"
+            )
+        return cls(layers, meta, str(checkpoint))
 
     def logits(self, obs: np.ndarray) -> np.ndarray:
         """Action logits of the actor for one observation vector."""
-        x = obs.astype(np.float64)
-        for weight, bias, activation in self.layers:
-            x = weight @ x + bias
-            if activation is not None:
-                x = _ACTIVATIONS[activation](x)
-        return x
+        return forward(self.layers, obs)
 
     def decide(self, snap: LoadSnapshot) -> int:
         """Current layers plus the argmax delta, within [0, num_layers]; PolicyOutputError
         when the output cannot be trusted."""
-        if snap.num_layers != self.num_layers:
-            raise PolicyOutputError(
-                f"policy trained for {self.num_layers} layers, server has {snap.num_layers}"
-            )
         logits = self.logits(observation_vector(snap))
         if not np.all(np.isfinite(logits)):
             raise PolicyOutputError(f"non-finite policy output {logits.tolist()}")
@@ -116,78 +164,65 @@ class RLPolicy:
         return min(max(target, 0), snap.num_layers)
 
 
-def _actor_layers(policy) -> list[tuple[np.ndarray, np.ndarray, str | None]]:
-    """The actor path of an SB3 ActorCriticPolicy (MLP extractor, then action head)."""
-    import torch
+def arrays_from_layers(layers: list[Layer]) -> dict[str, np.ndarray]:
+    """The actor file's arrays for ``layers`` (``w<i>``, ``b<i>``, ``activations``)."""
+    arrays: dict[str, np.ndarray] = {
+        "activations": np.array([a or "" for _, _, a in layers], dtype=str)
+    }
+    for i, (weight, bias, _) in enumerate(layers):
+        arrays[f"w{i}"], arrays[f"b{i}"] = weight, bias
+    return arrays
 
-    modules = [*policy.mlp_extractor.policy_net, policy.action_net]
-    layers: list[tuple[np.ndarray, np.ndarray, str | None]] = []
-    for module in modules:
-        if isinstance(module, torch.nn.Linear):
-            layers.append(
-                (module.weight.detach().double().numpy(), module.bias.detach().double().numpy(),
-                 None)
+
+def _layers_from_arrays(arrays: dict[str, np.ndarray], actor: Path) -> list[Layer]:
+    """The actor's layers, checked to map OBS_SIZE features to one logit per delta action."""
+    expected = ("activations", "checkpoint_sha256", "probes", "probe_log_probs")
+    missing = [k for k in expected if k not in arrays]
+    if missing:
+        raise CheckpointError(f"actor file {actor} lacks {missing}: export it again")
+    layers: list[Layer] = []
+    width = OBS_SIZE
+    for i, name in enumerate(arrays["activations"].tolist()):
+        weight = np.asarray(arrays.get(f"w{i}"), dtype=np.float64)
+        bias = np.asarray(arrays.get(f"b{i}"), dtype=np.float64)
+        if weight.ndim != 2 or weight.shape[1] != width or bias.shape != weight.shape[:1]:
+            raise CheckpointError(
+                f"actor file {actor}: layer {i} has weight {weight.shape} and bias {bias.shape};"
+                f" expected (n, {width}) and (n,)"
             )
-        elif type(module).__name__ in _ACTIVATIONS and layers and layers[-1][2] is None:
-            weight, bias, _ = layers[-1]
-            layers[-1] = (weight, bias, type(module).__name__)
-        else:
-            raise CheckpointError(f"unsupported module in the actor network: {module}")
+        if name and name not in ACTIVATIONS:
+            raise CheckpointError(
+                f"actor file {actor}: layer {i} uses activation {name!r}; supported: "
+                f"{', '.join(ACTIVATIONS)}"
+            )
+        layers.append((weight, bias, name or None))
+        width = weight.shape[0]
+    if not layers or width != len(DELTA_ACTIONS):
+        raise CheckpointError(
+            f"actor file {actor} has {width if layers else 0} actions; this code expects "
+            f"{len(DELTA_ACTIONS)} (deltas {DELTA_ACTIONS})"
+        )
     return layers
 
 
-def _check_matches_torch(rl: RLPolicy, policy, path: str | Path) -> None:
-    """The numpy copy must reproduce SB3's own logits, or the copy is wrong, not the input."""
-    import torch
-
-    probe = np.linspace(0.0, 1.0, OBS_SIZE, dtype=np.float32)
-    with torch.no_grad():
-        dist = policy.get_distribution(torch.as_tensor(probe).unsqueeze(0))
-        expected = dist.distribution.logits.squeeze(0).double().numpy()
-    got = rl.logits(probe)
-    got = got - np.log(np.sum(np.exp(got - got.max()))) - got.max()  # SB3 normalises logits
-    if not np.allclose(got, expected, atol=1e-4):
-        raise CheckpointError(f"checkpoint {path}: numpy actor does not match the SB3 policy")
-
-
 class FallbackPolicy:
-    """RL when it works, the heuristic when it does not; counts and logs every fallback."""
+    """The RL policy with the heuristic as its stand-in, as a plain ``Policy`` (decide -> int)
+    for offline tools that step an environment; counts the ticks the heuristic decided."""
 
     name = "rl+fallback"
 
-    def __init__(
-        self, rl: RLPolicy | None, heuristic: HeuristicPolicy | None = None,
-        load_error: str | None = None,
-    ) -> None:
-        self.rl = rl
-        self.heuristic = heuristic or HeuristicPolicy()
-        self.load_error = load_error
+    def __init__(self, rl: RLPolicy, heuristic: HeuristicPolicy | None = None) -> None:
+        self.controller = Controller(rl, heuristic or HeuristicPolicy(), rl.path)
         self.fallbacks = 0
 
     @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, heuristic: HeuristicPolicy | None = None
-    ) -> FallbackPolicy:
-        """Never raises: a checkpoint that fails to load leaves the heuristic in charge."""
-        try:
-            return cls(RLPolicy.load(path), heuristic)
-        except CheckpointError as err:
-            logger.warning("RL checkpoint unusable, the heuristic decides instead: %s", err)
-            return cls(None, heuristic, load_error=str(err))
+    def from_checkpoint(cls, path: str | Path) -> FallbackPolicy:
+        """The RL policy of ``path`` with the heuristic behind it; CheckpointError when the
+        checkpoint cannot be run (never a silent switch to the heuristic)."""
+        return cls(RLPolicy.load(path))
 
     def decide(self, snap: LoadSnapshot) -> int:
-        """The RL target, or the heuristic's when RL is unavailable or not finite.
-
-        The heuristic is consulted every tick, even while RL decides, so that its dwell and
-        idle clocks are current the moment it takes over (it costs microseconds)."""
-        fallback = self.heuristic.decide(snap)
-        if self.rl is None:
-            reason = f"checkpoint failed to load: {self.load_error}"
-        else:
-            try:
-                return self.rl.decide(snap)
-            except PolicyOutputError as err:
-                reason = str(err)
-        self.fallbacks += 1
-        logger.warning("RL policy fallback #%d to the heuristic: %s", self.fallbacks, reason)
-        return fallback
+        """The RL target, or the heuristic's when RL fails on this snapshot."""
+        decision = self.controller.decide(snap)
+        self.fallbacks += decision.fell_back
+        return decision.target

@@ -4,9 +4,10 @@
         --out checkpoints/morph-ppo.zip --seed 1 --n-envs 4 --window-s 60 --time-scale 0.25
 
 The trace is cut into consecutive windows; windows in the first ``--train-frac`` of it train, the
-rest are held out and only used for the final evaluation. Writes NAME.zip (SB3 PPO), NAME.json
-(everything needed to rebuild the environment and check compatibility, plus the held-out
-results) and NAME.png (training curve).
+rest are held out and only used for the final evaluation. Writes NAME.zip (SB3 PPO),
+NAME.actor.npz (its actor for numpy, what the server loads), NAME.json (everything needed to
+rebuild the environment and check compatibility, with repository-relative paths, plus the
+held-out results) and NAME.png (training curve).
 """
 
 from __future__ import annotations
@@ -32,20 +33,24 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm import TqdmExperimentalWarning
 
-from envs.calibration import DEFAULT_CALIBRATION, load_calibration
+from envs.calibration import load_calibration
+from envs.episodes import env_from_metadata, evaluate_policies, print_results
 from envs.morph_env import TRAIN_FRAC, MorphEnv, prepare_trace, split_windows
+from envs.policies import standard_policies
 from envs.reward import DEFAULT_QUALITY_TABLE, RewardWeights, load_quality_table
 from envs.simulator import ReplicaConfig
 from eval.traces import LengthMapping
-from rl_controller.evaluate import (
-    env_from_metadata,
-    evaluate_policies,
-    print_results,
-    standard_policies,
-)
+from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
 from rl_controller.policy import DELTA_ACTIONS
+from sglang_morph.paths import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_CHECKPOINT,
+    default_profile,
+    repo_relative,
+)
+from sglang_morph.profile_file import layer_order, load_profile
 
 
 def _arg(default: object, text: str) -> Any:
@@ -57,7 +62,8 @@ def _arg(default: object, text: str) -> Any:
 class Args:
     trace: str = _arg("azure-code", "trace name or file (eval.traces.load_trace)")
     timesteps: int = _arg(200_000, "controller ticks of PPO experience (after cloning)")
-    out: str = _arg("checkpoints/morph-ppo.zip", "checkpoint path; .json and .png go beside it")
+    out: str = _arg(str(DEFAULT_CHECKPOINT), "checkpoint path; .actor.npz, .json and .png go "
+                    "beside it")
     seed: int = _arg(1, "seed of PPO, the networks and the window choice")
     n_envs: int = _arg(4, "simulator environments stepped together")
     window_s: float = _arg(60.0, "episode length: one window of the trace")
@@ -68,7 +74,7 @@ class Args:
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
     quality: str = _arg("", "quality-by-k JSON or eval.quality output (envs.reward); empty = "
                         "documented default")
-    profile: str = _arg("checkpoints/profiles/stories260K-int4.json",
+    profile: str = _arg(str(default_profile("int4")),
                         "layer-importance profile the server quantizes in (recorded; give the "
                         "server the same --morph-profile)")
     slo_weight: float = _arg(RewardWeights.slo, "reward cost of one SLO violation")
@@ -87,7 +93,12 @@ class Args:
     hidden: int = _arg(64, "width of the two hidden layers (actor and critic)")
 
 
+PATH_ARGS = ("out", "calibration", "quality", "profile")
+"""Arguments that name files: recorded relative to the checkout, so metadata travels."""
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line as ``Args`` (every field a ``--flag`` with its help and default)."""
     parser = argparse.ArgumentParser(prog="python -m rl_controller.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Args):
@@ -130,9 +141,72 @@ def heuristic_demonstration(env: MorphEnv, window: int) -> tuple[np.ndarray, np.
     return np.array(observations), np.array(actions)
 
 
+def behaviour_clone(
+    model: PPO, demos: list[tuple[np.ndarray, np.ndarray]], epochs: int, learning_rate: float
+) -> dict:
+    """Fit the policy's action distribution to the demonstrated actions (cross-entropy), and
+    report how often the clone picks the demonstrated action, on every tick and on the ticks
+    that move a layer (the rare ones that matter)."""
+    demo_obs = torch.as_tensor(np.concatenate([o for o, _ in demos]))
+    demo_actions = torch.as_tensor(np.concatenate([a for _, a in demos]))
+    optimizer = torch.optim.Adam(model.policy.parameters(), lr=learning_rate)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(demo_actions)).split(512):
+            dist = model.policy.get_distribution(demo_obs[batch])
+            loss = torch.nn.functional.cross_entropy(dist.distribution.logits, demo_actions[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        cloned = model.policy.get_distribution(demo_obs).distribution.logits.argmax(1)
+    moves = demo_actions != DELTA_ACTIONS.index(0)
+    return {
+        "bc_epochs": epochs,
+        "demonstration_ticks": len(demo_actions),
+        "demonstration_moves": int(moves.sum()),
+        "agreement": float((cloned == demo_actions).float().mean()),
+        "move_agreement": float((cloned[moves] == demo_actions[moves]).float().mean()),
+    }
+
+
+def portable_args(args: Args) -> dict:
+    """``args`` for the metadata, file arguments relative to the checkout (no machine paths)."""
+    return {name: repo_relative(value) if name in PATH_ARGS and value else value
+            for name, value in asdict(args).items()}
+
+
+def plot_training_curve(rows: list[dict], args: Args, path: Path) -> None:
+    """Return, SLO violation rate and quality cost per episode, each with a rolling mean:
+    per-episode values are noisy, since windows differ in load."""
+    steps = np.array([r["timestep"] for r in rows])
+    series = {
+        "episode return": np.array([r["return"] for r in rows]),
+        "SLO violation rate": np.array([r["late"] / max(r["requests"], 1) for r in rows]),
+        "quality cost / token": np.array(
+            [r["quality_cost"] / max(r["generated_tokens"], 1) for r in rows]
+        ),
+    }
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
+    k = max(1, len(rows) // 25)
+    for ax, (label, y) in zip(axes, series.items(), strict=True):
+        ax.plot(steps, y, ".", alpha=0.2, markersize=3)
+        if len(y) >= k:
+            ax.plot(steps[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), lw=2)
+        ax.set_xlabel("timesteps (controller ticks)")
+        ax.set_title(label)
+    fig.suptitle(f"PPO on {args.trace} training windows (time scale {args.time_scale:g}, "
+                 f"seed {args.seed}); rolling mean of {k} episodes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Clone the heuristic, train PPO, write the checkpoint and its actor and metadata, then
+    evaluate on the held-out windows and plot the training curve."""
     args = parse_args(argv)
-    # One thread: the network is tiny, and torch's thread pool on 2 busy cores costs 10x.
+    # One thread: the network is tiny, and torch's thread pool on busy cores costs more than
+    # the work it splits.
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
     console = Console()
@@ -147,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     quality = load_quality_table(args.quality) if args.quality else DEFAULT_QUALITY_TABLE
     replica = ReplicaConfig.from_calibration(args.calibration)
     weights = RewardWeights(args.slo_weight, args.quality_weight, args.transition_weight)
+    order = layer_order(load_profile(args.profile))
     console.print(f"{trace.name}: {len(train_windows)} training windows, {len(eval_windows)} "
                   f"held out, time scale {args.time_scale:g}; calibration: {calibration.source}")
 
@@ -169,32 +244,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     demo_env = make_env()
     demos = [heuristic_demonstration(demo_env, i) for i in range(len(train_windows))]
-    demo_obs = torch.as_tensor(np.concatenate([o for o, _ in demos]))
-    demo_actions = torch.as_tensor(np.concatenate([a for _, a in demos]))
-    optimizer = torch.optim.Adam(model.policy.parameters(), lr=args.bc_learning_rate)
-    for _ in range(args.bc_epochs):
-        for batch in torch.randperm(len(demo_actions)).split(512):
-            dist = model.policy.get_distribution(demo_obs[batch])
-            loss = torch.nn.functional.cross_entropy(dist.distribution.logits, demo_actions[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        cloned = model.policy.get_distribution(demo_obs).distribution.logits.argmax(1)
-    moves = demo_actions != DELTA_ACTIONS.index(0)
-    warm_start = {
-        "bc_epochs": args.bc_epochs,
-        "demonstration_ticks": len(demo_actions),
-        "demonstration_moves": int(moves.sum()),
-        "agreement": float((cloned == demo_actions).float().mean()),
-        "move_agreement": float((cloned[moves] == demo_actions[moves]).float().mean()),
-    }
+    warm_start = behaviour_clone(model, demos, args.bc_epochs, args.bc_learning_rate)
     console.print(f"behaviour cloning of the heuristic: {warm_start}")
 
     log = EpisodeLog()
     model.learn(total_timesteps=args.timesteps, callback=log, progress_bar=True)
     train_s = time.time() - start
     model.save(out)
+    actor = export_actor(out)
 
     # Metadata first (RLPolicy.load checks it), then the held-out evaluation is added to it.
     meta = {
@@ -215,12 +272,13 @@ def main(argv: list[str] | None = None) -> None:
         "tick_s": args.tick_s,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
-        "profile": args.profile,
-        "layer_order": json.loads(Path(args.profile).read_text()).get("layer_order"),
+        "profile": repo_relative(args.profile),
+        "layer_order": order,
         "quality_table": list(quality),
-        "quality_source": args.quality or "envs.reward.DEFAULT_QUALITY_TABLE",
+        "quality_source": repo_relative(args.quality) if args.quality
+        else "envs.reward.DEFAULT_QUALITY_TABLE",
         "reward_weights": asdict(weights),
-        "args": asdict(args),
+        "args": portable_args(args),
         "timesteps": model.num_timesteps,
         "seed": args.seed,
         "warm_start": warm_start,
@@ -236,40 +294,16 @@ def main(argv: list[str] | None = None) -> None:
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
-    eval_env = env_from_metadata(meta)
-    results = evaluate_policies(eval_env, standard_policies(str(out)))
+    # Held-out evaluation, in the environment rebuilt from the metadata just written.
+    results = evaluate_policies(env_from_metadata(meta), standard_policies(out))
     print_results(results, f"held-out windows ({len(eval_windows)} x {args.window_s:g} s)",
                   console)
-    meta["eval"] = [
-        {**asdict(r), "violation_rate": r.violation_rate, "quality_per_token": r.quality_per_token}
-        for r in results
-    ]
+    meta["eval"] = [r.as_dict() for r in results]
     meta["episodes"] = len(log.rows)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
-    # Training curve: per-episode values are noisy (windows differ in load), so a rolling mean.
-    steps = np.array([r["timestep"] for r in log.rows])
-    series = {
-        "episode return": np.array([r["return"] for r in log.rows]),
-        "SLO violation rate": np.array([r["late"] / max(r["requests"], 1) for r in log.rows]),
-        "quality cost / token": np.array(
-            [r["quality_cost"] / max(r["generated_tokens"], 1) for r in log.rows]
-        ),
-    }
-    fig = Figure(figsize=(14, 3.8))
-    axes = fig.subplots(1, 3)
-    k = max(1, len(log.rows) // 25)
-    for ax, (label, y) in zip(axes, series.items(), strict=True):
-        ax.plot(steps, y, ".", alpha=0.2, markersize=3)
-        if len(y) >= k:
-            ax.plot(steps[k - 1:], np.convolve(y, np.ones(k) / k, mode="valid"), lw=2)
-        ax.set_xlabel("timesteps (controller ticks)")
-        ax.set_title(label)
-    fig.suptitle(f"PPO on {args.trace} training windows (time scale {args.time_scale:g}, "
-                 f"seed {args.seed}); rolling mean of {k} episodes")
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
-    console.print(f"wrote {out}, {meta_path}, {out.with_suffix('.png')} "
+    plot_training_curve(log.rows, args, out.with_suffix(".png"))
+    console.print(f"wrote {out}, {actor}, {meta_path}, {out.with_suffix('.png')} "
                   f"({model.num_timesteps} steps in {train_s:.0f} s)")
 
 

@@ -21,59 +21,72 @@ from rich.progress import track
 from rich.table import Table
 
 from sglang_morph.client import MorphClient
-from sglang_morph.memory import default_budget
 from sglang_morph.data import resolve_model
+from sglang_morph.memory import default_budget
 from sglang_morph.server_process import Server
 
+LOAD_WORKERS = 2
+"""Concurrent decode streams kept running, so stalls are measured while serving."""
 
-def _settle(url: str) -> dict:
+
+def _settle(client: MorphClient) -> dict:
+    """The state once every layer has its desired format and the KV resize is done."""
     for _ in range(600):
-        st = MorphClient(url).state()
+        st = client.state()
         if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
             return st
         time.sleep(0.05)
     raise RuntimeError("server did not settle")
 
 
+def _decode_load(server: Server, stop: threading.Event) -> None:
+    """Greedy 64-token decodes back to back until ``stop``."""
+    while not stop.is_set():
+        server.client.post("/generate", {
+            "input_ids": [11] * 32, "sampling_params": {
+                "max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}, timeout_s=300)
+
+
+def _swap_cycles(client: MorphClient, reps: int) -> tuple[list[float], list[dict], list[float]]:
+    """``reps`` times: quantize each layer alone in the profile's order, then restore all at
+    once. Returns every swap stall, each quantize's capacity gain against its freed tokens, and
+    each quantize's KV resize step per segment."""
+    st0 = _settle(client)
+    bpt, segment = st0["kv_bytes_per_token"], st0["kv_segment_tokens"]
+    stalls, gains, resize = [], [], []
+    for _ in track(range(reps), description="swap / restore / resize cycles"):
+        for layer in st0["layer_order"]:
+            before = _settle(client)
+            client.swap([layer], "int4")
+            after = _settle(client)
+            stalls.append(after["swap_stall_last_s"])
+            fmt = after["layers"][layer]["bytes_by_format"]
+            gain = after["kv_capacity_tokens"] - before["kv_capacity_tokens"]
+            gains.append({
+                "layer": layer,
+                "freed_tokens": (fmt["fp"] - fmt["int4"]) / bpt,
+                "capacity_gain": gain,
+                "segments": max(1, gain // segment),
+            })
+            resize.append(after["kv_resize_last_step_s"] / gains[-1]["segments"])
+        client.swap(list(range(len(st0["layers"]))), "fp")
+        stalls.append(_settle(client)["swap_stall_last_s"])
+    return stalls, gains, resize
+
+
 def run(budget: int, reps: int) -> dict:
+    """Start the server, measure ``reps`` swap cycles under load, stop it; the figures."""
     start = time.perf_counter()
     server = Server(["--morph-policy", "manual", "--morph-memory-budget", str(budget)])
     healthy_s = time.perf_counter() - start
     stop = threading.Event()
-
-    def load() -> None:  # steady decodes so stalls are measured while serving
-        while not stop.is_set():
-            server.client.post("/generate", {
-                "input_ids": [11] * 32, "sampling_params": {
-                    "max_new_tokens": 64, "ignore_eos": True, "temperature": 0}}, timeout_s=300)
-
-    workers = [threading.Thread(target=load) for _ in range(2)]
+    workers = [threading.Thread(target=_decode_load, args=(server, stop))
+               for _ in range(LOAD_WORKERS)]
     for w in workers:
         w.start()
     try:
-        st0 = _settle(server.url)
-        n = len(st0["layers"])
-        bpt, segment = st0["kv_bytes_per_token"], st0["kv_segment_tokens"]
-        stalls, gains, resize = [], [], []
-        for _ in track(range(reps), description="swap / restore / resize cycles"):
-            for layer in st0["layer_order"]:
-                before = _settle(server.url)
-                server.client.swap([layer], "int4")
-                after = _settle(server.url)
-                stalls.append(after["swap_stall_last_s"])
-                fmt = after["layers"][layer]["bytes_by_format"]
-                gains.append({
-                    "layer": layer,
-                    "freed_tokens": (fmt["fp"] - fmt["int4"]) / bpt,
-                    "capacity_gain": after["kv_capacity_tokens"] - before["kv_capacity_tokens"],
-                    "segments": max(1, (after["kv_capacity_tokens"]
-                                        - before["kv_capacity_tokens"]) // segment),
-                })
-                resize.append(after["kv_resize_last_step_s"] / gains[-1]["segments"])
-            server.client.swap(list(range(n)), "fp")
-            after = _settle(server.url)
-            stalls.append(after["swap_stall_last_s"])
-        decode = server.client.state()["decode_iteration_median_s"]
+        stalls, gains, resize = _swap_cycles(server.client, reps)
+        state = server.client.state()
     finally:
         stop.set()
         for w in workers:
@@ -84,28 +97,20 @@ def run(budget: int, reps: int) -> dict:
     return {
         "budget_bytes": budget,
         "server_healthy_s": healthy_s,
-        "decode_iteration_median_s": decode,
+        "decode_iteration_median_s": state["decode_iteration_median_s"],
         "swap_stall_median_s": stalls[len(stalls) // 2],
         "swap_stall_max_s": stalls[-1],
-        "swap_stall_max_over_decode": stalls[-1] / decode,
+        "swap_stall_max_over_decode": stalls[-1] / state["decode_iteration_median_s"],
         "kv_resize_step_per_segment_median_s": resize[len(resize) // 2],
         "kv_resize_step_per_segment_max_s": resize[-1],
-        "capacity_gain_vs_freed": gains[: n],
+        "capacity_gain_vs_freed": gains[: len(state["layers"])],  # the first cycle
         "max_gap_tokens": max(g["freed_tokens"] - g["capacity_gain"] for g in gains),
         "cycles": reps,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=int, default=None,
-                   help="memory budget in bytes (default: the evaluation's default budget)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("runs/bench_runtime.json"))
-    args = p.parse_args()
-    res = run(args.budget or default_budget(resolve_model(None)), args.reps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
+def print_table(res: dict) -> None:
+    """The figures a reader compares with the targets."""
     t = Table(title="sglang-morph runtime benchmark (stories260K, CPU)")
     t.add_column("measure")
     t.add_column("value", justify="right")
@@ -119,6 +124,23 @@ def main() -> None:
               f"{res['kv_resize_step_per_segment_max_s'] * 1e3:.3f} ms")
     t.add_row("freed tokens - capacity gain, worst layer", f"{res['max_gap_tokens']:.1f} tokens")
     Console().print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, measure, write ``--out`` and print the table."""
+    p = argparse.ArgumentParser(prog="python -m sglang_morph.bench",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=int, default=None,
+                   help="memory budget in bytes (default: the evaluation's default budget)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="swap cycles: every layer quantized one by one, then all restored")
+    p.add_argument("--out", type=Path, default=Path("runs/bench_runtime.json"),
+                   help="JSON of the figures (default: runs/bench_runtime.json)")
+    args = p.parse_args(argv)
+    res = run(args.budget or default_budget(resolve_model(None)), args.reps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
+    print_table(res)
     print(f"written: {args.out}")
 
 

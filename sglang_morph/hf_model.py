@@ -72,7 +72,7 @@ class QuantLinear(torch.nn.Module):
         return quantized_matmul(x, self.qw, self.bias)
 
 
-class LayerSwapper:
+class HFLayerQuantizer:
     """Puts any per-layer format assignment on the model, reusing quantized copies.
 
     Copies are built on first use per (layer, format) and cached, so sweeping many assignments

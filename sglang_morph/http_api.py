@@ -7,14 +7,11 @@ launcher's own memory, so what /morph/state shows is what the scheduler runs.
 
 from __future__ import annotations
 
-import json
-from collections import deque
-from pathlib import Path
-
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.iterations import read_tail
 
 
 async def _scheduler_state() -> dict | None:
@@ -90,11 +87,7 @@ async def morph_iterations(limit: int = 1000) -> JSONResponse:
     """GET /morph/iterations: the most recent forward records (simulator calibration)."""
     cfg = MorphConfig.from_env()
     path = cfg.extra.get("iteration_log") if cfg else None
-    if not path or not Path(path).exists():
-        return JSONResponse([])
-    with open(path) as fh:
-        tail = deque(fh, maxlen=max(1, min(limit, 100_000)))
-    return JSONResponse([json.loads(line) for line in tail if line.strip()])
+    return JSONResponse(read_tail(path, limit) if path else [])
 
 
 def _bad(message: str) -> JSONResponse:

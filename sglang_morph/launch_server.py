@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from rl_controller.rl_policy import CheckpointError, RLPolicy
 from sglang_morph.compat import MorphSetupError, check_sglang_version
 from sglang_morph.config import (
     GROUP_SIZES,
@@ -26,6 +27,7 @@ from sglang_morph.config import (
 )
 from sglang_morph.data import AssetNotFoundError, resolve_model
 from sglang_morph.model_info import serving_device
+from sglang_morph.paths import DEFAULT_CHECKPOINT, absolute
 
 CPU_FLAGS = {
     "--device": "cpu",
@@ -95,7 +97,12 @@ def morph_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer-importance profile JSON from python -m sglang_morph.profile",
     )
-    g.add_argument("--morph-checkpoint", default=None, help="RL policy checkpoint (.zip)")
+    g.add_argument(
+        "--morph-checkpoint",
+        default=None,
+        help="RL policy checkpoint NAME.zip, with NAME.json and NAME.actor.npz beside it "
+        f"(default with --morph-policy rl: {DEFAULT_CHECKPOINT})",
+    )
     g.add_argument(
         "--morph-tick-interval",
         type=float,
@@ -120,6 +127,10 @@ def morph_parser() -> argparse.ArgumentParser:
         help="directory holding the shared data (default: $MORPH_DATA_DIR, ../shared/data)",
     )
     return p
+
+
+def _absolute_or_none(path: str | None) -> str | None:
+    return None if path is None else absolute(path)
 
 
 def _has(argv: Sequence[str], flag: str) -> bool:
@@ -174,8 +185,11 @@ def _check_awq_profile(cfg: MorphConfig) -> None:
 def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
     """Split and complete the command line: the morph configuration and SGLang's argv.
 
-    Exits with status 2 (argparse) on an unknown ``--morph-*`` option or value, and raises
-    MorphSetupError / AssetNotFoundError / ValueError with a one-line message on bad input.
+    Paths the user gives (profile, checkpoint) are made absolute here, against the directory
+    the launcher was started in: SGLang's processes may run elsewhere. Exits with status 2
+    (argparse) on an unknown ``--morph-*`` option or value, and raises CheckpointError (an RL
+    checkpoint that cannot be run) or MorphSetupError / AssetNotFoundError / ValueError with a
+    one-line message on bad input.
     """
     parser = morph_parser()
     known, rest = parser.parse_known_args(list(argv))
@@ -192,8 +206,8 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
         group_size=known.morph_group_size,
         quant_method=known.morph_quant_method,
         static_format=known.morph_static_format,
-        profile_path=known.morph_profile,
-        checkpoint_path=known.morph_checkpoint,
+        profile_path=_absolute_or_none(known.morph_profile),
+        checkpoint_path=_absolute_or_none(known.morph_checkpoint),
         tick_interval_s=known.morph_tick_interval,
         ttft_slo_s=known.morph_ttft_slo,
         kv_segment_tokens=known.morph_kv_segment_tokens,
@@ -203,8 +217,9 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
         raise MorphSetupError(f"--morph-profile file does not exist: {cfg.profile_path}")
     if cfg.quant_method == "awq":
         _check_awq_profile(cfg)
-    # A missing or broken --morph-checkpoint is not fatal: the rl policy falls back to the
-    # heuristic, says so in the log and counts it in /morph/state.
+    if cfg.policy == "rl":
+        cfg.checkpoint_path = cfg.checkpoint_path or str(DEFAULT_CHECKPOINT)
+        RLPolicy.load(cfg.checkpoint_path)  # CheckpointError says which file and why
 
     sg = list(rest)
     model = resolve_model(_value(sg, "--model-path"), known.morph_data_dir)
@@ -239,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         check_sglang_version()
         cfg, sg_argv = build(argv)
+    except CheckpointError as err:  # a bad --morph-checkpoint is a usage error, like argparse's
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     except (MorphSetupError, AssetNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

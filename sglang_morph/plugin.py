@@ -56,8 +56,8 @@ def register() -> None:
 def _after_scheduler_init(result, scheduler, *args, **kwargs) -> None:
     """Build the runtime once the model and KV pool exist, before the event loop starts.
 
-    Any failure here propagates and stops the scheduler: the server never starts
-    half-configured.
+    Any failure here (an RL checkpoint that cannot be run included) propagates and stops the
+    scheduler: the server never starts half-configured or with another policy than asked for.
     """
     global _runtime
     from sglang_morph.runtime import MorphRuntime
@@ -70,7 +70,7 @@ def _around_next_batch(original, scheduler, *args, **kwargs):
     """The safe tick: nothing is in flight at the entry of get_next_batch_to_run."""
     if _runtime is not None:
         _runtime.iterations.loop_pass(time.perf_counter())
-        _runtime.guarded(_runtime.tick)
+        _runtime.loop_pass()
     return original(scheduler, *args, **kwargs)
 
 

@@ -38,7 +38,7 @@ from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.hf_model import (
     SGLANG_LINEAR_GROUPS,
     ActScales,
-    LayerSwapper,
+    HFLayerQuantizer,
     TokenText,
     decoder_layers,
     load_model,
@@ -47,8 +47,8 @@ from sglang_morph.hf_model import (
     search_act_scales,
     tokenize_stories,
 )
+from sglang_morph.profile_file import act_scale_lists
 from sglang_morph.quant.matmul import quantized_matmul
-from sglang_morph.profile_file import act_scale_lists, layer_order
 from sglang_morph.quant.quantize import quantize_weight
 
 TOKEN_COUNTS = (1, 8, 32, 128)
@@ -74,7 +74,7 @@ def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 class _Runner:
     """Runs the calibration text under a format assignment, capturing hidden states."""
 
-    def __init__(self, swapper: LayerSwapper, text: TokenText, fmt: str) -> None:
+    def __init__(self, swapper: HFLayerQuantizer, text: TokenText, fmt: str) -> None:
         self.swapper, self.text, self.fmt = swapper, text, fmt
         self._finals: dict[frozenset[int], list[torch.Tensor]] = {}
 
@@ -110,7 +110,7 @@ class _Runner:
 
 
 def _layer_latency(
-    swapper: LayerSwapper,
+    swapper: HFLayerQuantizer,
     layer_id: int,
     fmt: str,
     token_counts: tuple[int, ...],
@@ -139,7 +139,7 @@ def _layer_latency(
 
 
 def _layer_bytes(
-    swapper: LayerSwapper, layer_id: int, act_scales: ActScales | None
+    swapper: HFLayerQuantizer, layer_id: int, act_scales: ActScales | None
 ) -> dict[str, int]:
     """Resident bytes of the layer's four SGLang linears per format (fp: float32).
 
@@ -186,13 +186,49 @@ def build_profile(
     act_scales = None
     if quant_method == "awq":
         act_scales = search_act_scales(model, text.sequences, fmt, group_size)
-    swapper = LayerSwapper(model, group_size, {fmt: act_scales} if act_scales else None)
+    swapper = HFLayerQuantizer(model, group_size, {fmt: act_scales} if act_scales else None)
     runner = _Runner(swapper, text, fmt)
-    num_layers = swapper.num_layers
+    layers = _layer_entries(runner, act_scales, token_counts, latency_repeats, progress)
+    greedy = _greedy_order(runner, progress)
+    swapper.set_formats({})
 
+    profile = {
+        "model": model_path or DEFAULT_MODEL,
+        "format": fmt,
+        "group_size": group_size,
+        "quant_method": quant_method,
+        "calibration": {"source": text.source, "sha256": text.sha256, "tokens": text.tokens},
+        "num_layers": swapper.num_layers,
+        "latency_setup": {
+            "scope": "the layer's four SGLang linears (fused shapes), random activations",
+            "statistic": f"median of {latency_repeats} after 3 warm-up calls",
+            "torch_threads": torch.get_num_threads(),
+        },
+        "layers": layers,
+        "greedy": greedy,
+        "layer_order": [entry["layer"] for entry in greedy],
+    }
+    if act_scales is not None:
+        profile["act_scales"] = {
+            str(i): {g: s.tolist() for g, s in groups.items()} for i, groups in act_scales.items()
+        }
+    return profile
+
+
+def _layer_entries(
+    runner: _Runner,
+    act_scales: ActScales | None,
+    token_counts: tuple[int, ...],
+    latency_repeats: int,
+    progress: bool,
+) -> list[dict]:
+    """Each layer alone: how much it changes its input, how much quantizing it alone perturbs
+    its output, its bytes and its linears' latency per format."""
+    swapper = runner.swapper
     _, fp_states = runner.run(frozenset())
     layers = []
-    for i in track(range(num_layers), "per-layer scores", disable=not progress, console=_CONSOLE):
+    for i in track(range(swapper.num_layers), "per-layer scores", disable=not progress,
+                   console=_CONSOLE):
         _, q_states = runner.run(frozenset({i}))
         layers.append(
             {
@@ -206,7 +242,14 @@ def build_profile(
                 },
             }
         )
+    return layers
 
+
+def _greedy_order(runner: _Runner, progress: bool) -> list[dict]:
+    """The paper's greedy order (module docstring): at each step the layer whose quantization,
+    on top of those already chosen, leaves the final hidden state closest to full precision
+    (ties to the lower id)."""
+    num_layers = runner.swapper.num_layers
     fp_final = runner.finals(frozenset())
     chosen: list[int] = []
     greedy = []
@@ -221,29 +264,7 @@ def build_profile(
         best = max(scores, key=lambda c: (scores[c], -c))
         chosen.append(best)
         greedy.append({"step": step, "layer": best, "final_hidden_cosine": scores[best]})
-    swapper.set_formats({})
-
-    profile = {
-        "model": model_path or DEFAULT_MODEL,
-        "format": fmt,
-        "group_size": group_size,
-        "quant_method": quant_method,
-        "calibration": {"source": text.source, "sha256": text.sha256, "tokens": text.tokens},
-        "num_layers": num_layers,
-        "latency_setup": {
-            "scope": "the layer's four SGLang linears (fused shapes), random activations",
-            "statistic": f"median of {latency_repeats} after 3 warm-up calls",
-            "torch_threads": torch.get_num_threads(),
-        },
-        "layers": layers,
-        "greedy": greedy,
-        "layer_order": chosen,
-    }
-    if act_scales is not None:
-        profile["act_scales"] = {
-            str(i): {g: s.tolist() for g, s in groups.items()} for i, groups in act_scales.items()
-        }
-    return profile
+    return greedy
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,14 +8,27 @@ state across changes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 
+from rl_controller.clock import LoadClock
+from rl_controller.controller import Controller, Decision
+from rl_controller.heuristic import HeuristicPolicy
+from rl_controller.observation import LoadSnapshot, build_snapshot
+from rl_controller.rl_policy import RLPolicy
+from sglang_morph import scheduler_view
 from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
 from sglang_morph.iterations import IterationLog
 from sglang_morph.memory import kv_tokens_for
+from sglang_morph.paths import DEFAULT_CHECKPOINT
+from sglang_morph.timings import Timings
 
 logger = logging.getLogger("sglang_morph")
+
+FALLBACK_LOG_INTERVAL_S = 10.0
+"""Least time between two log lines about RL fallbacks (each line carries the count)."""
 
 
 class MorphRuntime:
@@ -28,13 +41,24 @@ class MorphRuntime:
         self.num_layers = len(self.model.model.layers)
         self.transitions = 0
         self.clipped_actions = 0
+        self.fallbacks = 0
+        self.fallback_reason: str | None = None
+        self._fallback_logged_s = -math.inf
         self.last_error: str | None = None
         self.frozen = False
         self.iterations = IterationLog(cfg.extra.get("iteration_log"))
-        self.arrivals: list[float] = []
+        self.clock = LoadClock(start_s=time.perf_counter())
+        self.decisions = Timings()
+        self.last_decision_s = -math.inf
+        self.last_snapshot: LoadSnapshot | None = None
+        self.last_target: int | None = None
         self.swapper = None
         self.kv = None
-        self.controller = None
+        self.controller: Controller | None = None
+        self.observing = cfg.policy in ("manual", "heuristic", "rl")
+        """Snapshots are taken every tick under these policies; under ``manual`` nothing
+        decides, but ``/morph/state`` shows what a policy would see (the engine environment
+        reads it)."""
         self.layer_order = list(range(self.num_layers - 1, -1, -1))
         self.profile = None
         self.kv_limit = None
@@ -53,6 +77,8 @@ class MorphRuntime:
     def _build(self) -> None:
         from sglang_morph.swap.layer_swapper import LayerSwapper
 
+        if self.cfg.policy in ("heuristic", "rl"):  # first: a bad checkpoint fails fast
+            self.controller = _make_controller(self.cfg)
         if self.cfg.profile_path:
             from sglang_morph.profile_file import layer_order, load_profile
 
@@ -73,10 +99,6 @@ class MorphRuntime:
 
         if metrics_enabled():
             self.metrics = MorphMetrics()
-        if self.cfg.policy in ("heuristic", "rl", "manual"):
-            from sglang_morph.controller import Controller
-
-            self.controller = Controller(self)
 
     # -- queries --
 
@@ -139,12 +161,27 @@ class MorphRuntime:
 
     # -- tick --
 
+    def loop_pass(self) -> None:
+        """The plugin's entry at every scheduler loop pass (nothing in flight).
+
+        While morphing is frozen only the size holders are kept in step: quarantined KV slots
+        still retire as their requests finish, and SGLang's idle leak check compares the pool
+        against the scheduler's size.
+        """
+        if self.frozen:
+            if self.kv is not None:
+                self.kv.sync_holders()
+            return
+        self.guarded(self.tick)
+
     def tick(self) -> None:
         """One scheduler iteration boundary: decide, then move toward the decision."""
         if self.swapper is None:
             return
-        if self.controller is not None:
-            self.controller.maybe_decide()
+        now = time.perf_counter()
+        if self.observing and now - self.last_decision_s >= self.cfg.tick_interval_s:
+            self.last_decision_s = now
+            self.decide(now)
         self._settle()
         if self.metrics is not None:
             self.metrics.update({
@@ -152,8 +189,50 @@ class MorphRuntime:
                 "kv_capacity_tokens": self.kv_capacity_tokens(),
                 "kv_quarantined_tokens": self.kv.alloc.quarantined_size() if self.kv else 0,
                 "transitions": self.transitions,
-                "fallbacks": self.controller.fallbacks() if self.controller else 0,
+                "fallbacks": self.fallbacks,
             })
+
+    def snapshot(self, now: float) -> LoadSnapshot:
+        """The scheduler's load and memory at ``now`` as the controller sees them."""
+        raw = scheduler_view.raw_load(
+            self.scheduler,
+            kv_capacity_tokens=self.kv_capacity_tokens(),
+            kv_committed_tokens=self.kv_committed_tokens(),
+            quantized_layers=self.quantized_layers(),
+            num_layers=self.num_layers,
+            tokens_per_layer=self.tokens_per_layer(),
+            ttft_slo_s=self.cfg.ttft_slo_s,
+        )
+        return build_snapshot(raw, self.clock, now)
+
+    def decide(self, now: float) -> None:
+        """Observe the scheduler at ``now`` and, unless the policy is manual, let the
+        controller set the target."""
+        snap = self.snapshot(now)
+        self.last_snapshot = snap
+        if self.controller is None:
+            return
+        decision = self.controller.decide(snap)
+        self._count(decision, now)
+        self.last_target = decision.target
+        if decision.target != sum(f != "fp" for f in self.desired):
+            self.set_target_quantized(decision.target)
+
+    def _count(self, decision: Decision, now: float) -> None:
+        """The runtime's counters of a decision; fallbacks are logged at most once per
+        ``FALLBACK_LOG_INTERVAL_S`` so a failing policy cannot flood the log."""
+        self.decisions.add(decision.seconds)
+        self.clipped_actions += int(decision.clipped)
+        if not decision.fell_back:
+            return
+        self.fallbacks += 1
+        self.fallback_reason = decision.reason
+        if now - self._fallback_logged_s >= FALLBACK_LOG_INTERVAL_S:
+            self._fallback_logged_s = now
+            logger.warning(
+                "RL policy failed, the heuristic decided (%d fallbacks so far): %s",
+                self.fallbacks, decision.reason,
+            )
 
     def set_target_quantized(self, k: int) -> None:
         """Quantize the first ``k`` layers of the importance order, restore the others."""
@@ -187,6 +266,7 @@ class MorphRuntime:
                         continue
             self.swapper.commit(i)
             self.transitions += 1
+            self.clock.transition(time.perf_counter())
             if self.kv is not None:
                 self.kv.request(self._kv_target(self.formats()))
 
@@ -196,7 +276,7 @@ class MorphRuntime:
         self.iterations.record(batch, start_s, forward_s, self.quantized_layers())
 
     def on_arrival(self) -> None:
-        self.arrivals.append(time.perf_counter())
+        self.clock.arrival(time.perf_counter())
 
     # -- operator commands (POST /morph/swap) --
 
@@ -262,11 +342,28 @@ class MorphRuntime:
 
     def state(self) -> dict:
         """The JSON of GET /morph/state (msgpack-native values only)."""
-        s = self.scheduler
-        tree = s.tree_cache
-        committed = self.kv_committed_tokens()
-        available = s.token_to_kv_pool_allocator.available_size()
-        evictable = int(tree.evictable_size())
+        return {
+            **self._config_state(),
+            **self._layer_state(),
+            **self._kv_state(),
+            **self._controller_state(),
+            **self._timing_state(),
+            "last_error": self.last_error,
+            "frozen": self.frozen,
+        }
+
+    def _config_state(self) -> dict:
+        cfg = self.cfg
+        return {
+            "enabled": cfg.enabled,
+            "policy": cfg.policy,
+            "static_format": cfg.static_format,
+            "quant_format": cfg.quant_format,
+            "budget_bytes": cfg.memory_budget_bytes,
+            "kv_segment_tokens": cfg.kv_segment_tokens,
+        }
+
+    def _layer_state(self) -> dict:
         formats = self.formats()
         layers = []
         for i, fmt in enumerate(formats):
@@ -276,44 +373,70 @@ class MorphRuntime:
                 entry["bytes"] = slot.bytes_of(fmt)
                 entry["bytes_by_format"] = {f: slot.bytes_of(f) for f in ("fp", *slot.copies)}
             layers.append(entry)
-        stalls = self.swapper.stalls_s if self.swapper is not None else []
-        leads = self.swapper.leads_s if self.swapper is not None else []
         return {
-            "enabled": self.cfg.enabled,
-            "policy": self.cfg.policy,
-            "static_format": self.cfg.static_format,
-            "quant_format": self.cfg.quant_format,
             "layers": layers,
             "layer_order": self.layer_order,
             "quantized_layers": sum(f != "fp" for f in formats),
+            "weight_bytes": self.weight_bytes(),
+            "transitions": self.transitions,
+        }
+
+    def _kv_state(self) -> dict:
+        s = self.scheduler
+        committed = self.kv_committed_tokens()
+        available = s.token_to_kv_pool_allocator.available_size()
+        evictable = int(s.tree_cache.evictable_size())
+        return {
             "kv_capacity_tokens": int(self.kv_capacity_tokens()),
             "kv_reserved_tokens": int(s.token_to_kv_pool_allocator.size),
             "kv_used_tokens": int(committed - available - evictable),
             "kv_evictable_tokens": evictable,
             "kv_quarantined_tokens": int(self.kv.alloc.quarantined_size()) if self.kv else 0,
             "kv_bytes_per_token": self.kv_bytes_per_token,
-            "kv_segment_tokens": self.cfg.kv_segment_tokens,
-            "budget_bytes": self.cfg.memory_budget_bytes,
-            "weight_bytes": self.weight_bytes(),
             "device_bytes_in_use": self.weight_bytes() + committed * self.kv_bytes_per_token,
-            "transitions": self.transitions,
-            "fallbacks": self.controller.fallbacks() if self.controller else 0,
-            "decision_s_median": _median(self.controller.decide_s) if self.controller else None,
-            "last_observation": self.controller.observation_dict() if self.controller else None,
-            "clipped_actions": self.clipped_actions,
-            "queue_len": len(s.waiting_queue),
-            "running_reqs": len(s.running_batch.reqs) if s.running_batch is not None else 0,
-            "swap_stall_max_s": max(stalls, default=0.0),
-            "swap_stall_last_s": stalls[-1] if stalls else 0.0,
-            "swap_lead_median_s": _median(leads),
-            "swap_lead_max_s": max(leads, default=0.0),
-            "decode_iteration_median_s": self.iterations.median_decode_s(),
-            "kv_resize_last_step_s": self.kv.last_step_s if self.kv else 0.0,
             "kv_limit_tokens": self.kv_limit,
             "kv_resize_complete": self.kv.complete if self.kv else True,
-            "last_error": self.last_error,
-            "frozen": self.frozen,
+            "queue_len": len(s.waiting_queue),
+            "running_reqs": len(scheduler_view.active_requests(s)),
         }
+
+    def _controller_state(self) -> dict:
+        snap = self.last_snapshot
+        return {
+            "policy_loaded": self.controller.checkpoint if self.controller else None,
+            "fallbacks": self.fallbacks,
+            "fallback_reason": self.fallback_reason,
+            "clipped_actions": self.clipped_actions,
+            "decision_s_median": self.decisions.median(),
+            "last_observation": (
+                None if snap is None
+                else {**dataclasses.asdict(snap), "target": self.last_target}
+            ),
+        }
+
+    def _timing_state(self) -> dict:
+        sw = self.swapper
+        return {
+            "swap_stall_max_s": sw.stalls.max if sw else 0.0,
+            "swap_stall_last_s": sw.stalls.last if sw else 0.0,
+            "swap_lead_median_s": sw.leads.median() if sw else None,
+            "swap_lead_max_s": sw.leads.max if sw else 0.0,
+            "decode_iteration_median_s": self.iterations.median_decode_s(),
+            "kv_resize_last_step_s": self.kv.last_step_s if self.kv else 0.0,
+            "iteration_log_bytes": self.iterations.bytes_on_disk(),
+            "internal_sizes": self._internal_sizes(),
+        }
+
+    def _internal_sizes(self) -> dict:
+        """Lengths of every buffer the runtime keeps across ticks: all bounded, and watched for
+        growth by the soak benchmark (eval.soak)."""
+        sizes = {**self.clock.entries(), "decisions": len(self.decisions.recent),
+                 "decode_times": len(self.iterations.decode.recent)}
+        if self.swapper is not None:
+            sizes.update(swap_stalls=len(self.swapper.stalls.recent),
+                         swap_leads=len(self.swapper.leads.recent),
+                         swap_jobs=len(self.swapper.jobs))
+        return sizes
 
     def summary(self) -> str:
         return (
@@ -322,8 +445,14 @@ class MorphRuntime:
         )
 
 
-def _median(values: list[float]) -> float | None:
-    return sorted(values)[len(values) // 2] if values else None
+def _make_controller(cfg: MorphConfig) -> Controller:
+    """The heuristic, or the RL checkpoint with the heuristic behind it. A checkpoint that
+    cannot be run raises CheckpointError: the scheduler (and so the server) does not start,
+    rather than serve another policy than the one asked for."""
+    if cfg.policy == "heuristic":
+        return Controller(HeuristicPolicy())
+    path = cfg.checkpoint_path or str(DEFAULT_CHECKPOINT)
+    return Controller(RLPolicy.load(path), HeuristicPolicy(), checkpoint=path)
 
 
 def _kv_bytes_per_token(scheduler) -> int:

@@ -1,9 +1,12 @@
 """A real sglang-morph server in a subprocess, the one definition used by the tests (one server
-per module), the benchmarks and the evaluation harness: all of them must exercise the launcher a
-user runs, and all of them must stop it completely."""
+per module), the benchmarks, the calibration, the engine environment and the evaluation harness:
+all of them must exercise the launcher a user runs, and all of them must stop it completely, also
+when their own process is killed (a server left behind holds its port and a core)."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import socket
@@ -85,6 +88,7 @@ class Server:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 cwd=tempfile.gettempdir(), env=full_env, start_new_session=True,
+                preexec_fn=functools.partial(_die_with_owner, os.getpid()),
             )  # fmt: skip
         try:
             self._wait_healthy(health_timeout_s)
@@ -134,6 +138,22 @@ class Server:
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.2)
         _signal_group(pgid, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_owner(owner_pid: int) -> None:
+    """In the launcher child before exec: SIGKILL it when its owner dies, however the owner dies
+    (also ``kill -9``, where no cleanup code of the owner runs). SGLang's scheduler and
+    detokenizer already die with the launcher (they set the same signal), so the whole server
+    goes. Linux ties the signal to the creating thread: create servers from a thread that
+    outlives them (the main thread, as every user here does)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != owner_pid:  # the owner died before prctl took effect
+        os._exit(1)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

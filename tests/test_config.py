@@ -81,3 +81,28 @@ def test_awq_needs_a_matching_profile():
         build(["--morph-quant-method", "awq", "--morph-profile", awq, "--morph-group-size", "64"])
     cfg, _ = build(["--morph-quant-method", "awq", "--morph-profile", awq])
     assert cfg.quant_method == "awq"
+
+
+def test_launcher_makes_user_paths_absolute_and_loads_the_rl_checkpoint(monkeypatch, tmp_path):
+    """SGLang's processes may run in another directory: relative paths are resolved where the
+    launcher was started, and the RL checkpoint is loaded before anything starts."""
+    import shutil
+
+    from rl_controller.rl_policy import CheckpointError
+    from sglang_morph.launch_server import build
+    from sglang_morph.paths import DEFAULT_CHECKPOINT, default_profile
+
+    shutil.copy(default_profile(), tmp_path / "p.json")
+    for suffix in (".zip", ".json", ".actor.npz"):
+        shutil.copy(DEFAULT_CHECKPOINT.with_suffix(suffix), (tmp_path / "ck").with_suffix(suffix))
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = build(["--morph-policy", "rl", "--morph-profile", "p.json",
+                    "--morph-checkpoint", "ck.zip"])
+    assert cfg.profile_path == str(tmp_path / "p.json")
+    assert cfg.checkpoint_path == str(tmp_path / "ck.zip")
+    cfg, _ = build(["--morph-policy", "rl"])
+    assert cfg.checkpoint_path == str(DEFAULT_CHECKPOINT)
+    with pytest.raises(CheckpointError, match=str(tmp_path / "missing.zip")):
+        build(["--morph-policy", "rl", "--morph-checkpoint", "missing.zip"])
+    cfg, _ = build(["--morph-policy", "heuristic", "--morph-checkpoint", "missing.zip"])
+    assert cfg.checkpoint_path == str(tmp_path / "missing.zip")  # not read without rl

@@ -1,6 +1,10 @@
-"""MorphServe-v0: gymnasium conformance, seeding, clipping, reward bookkeeping, backends."""
+"""MorphServe-v0: gymnasium conformance, seeding, clipping, reward bookkeeping, backends; the
+episode running and policy construction the offline commands share, and those commands'
+command lines."""
 
 from __future__ import annotations
+
+import importlib
 
 import gymnasium as gym
 import numpy as np
@@ -10,10 +14,16 @@ from gymnasium.utils.env_checker import check_env
 import envs  # noqa: F401  (registers MorphServe-v0)
 from envs.backend import AdvanceResult
 from envs.calibration import load_replica
+from envs.episodes import env_from_metadata, evaluate_policies
 from envs.morph_env import MorphEnv, split_windows
+from envs.policies import POLICY_NAMES, make_policy, standard_policies
 from envs.reward import RewardWeights, load_quality_table
 from eval.traces import Trace, TraceRequest
+from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
+from rl_controller.policy import ConstantPolicy
+from rl_controller.rl_policy import FallbackPolicy, read_metadata
+from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 
 def synthetic_trace(seconds: float = 40.0, rate: float = 6.0, seed: int = 0) -> Trace:
@@ -145,3 +155,71 @@ def test_quality_table_from_eval_quality_output(tmp_path) -> None:
     path = tmp_path / "q.json"
     path.write_text('{"orders": {"lis": {"ppl": [3.5, 3.6, 3.75]}, "random": {"ppl": [0]}}}')
     assert load_quality_table(path) == pytest.approx((0.0, 0.1, 0.25))
+
+
+def test_evaluation_totals_every_window_with_fresh_policies() -> None:
+    env = make_env(action_mode="target")
+    snapshots: list[LoadSnapshot] = []
+    factories = {k: v for k, v in standard_policies(None).items() if k != "always-L"}
+    results = evaluate_policies(env, factories, snapshots)
+    assert [r.policy for r in results] == ["heuristic", "always-0"]
+    requests = sum(1 for r in synthetic_trace().requests if r.arrival_s < 40.0)
+    for r in results:
+        assert r.windows == 4 and r.requests == requests
+        assert r.as_dict()["violation_rate"] == r.violation_rate
+    fp = results[1]
+    assert fp.swapped_layers == 0 and fp.mean_layers == 0 and fp.quality_cost == 0
+    assert len(snapshots) == 4 * 10 / env.tick_s  # the heuristic's ticks only
+
+
+def test_policies_by_name() -> None:
+    assert isinstance(make_policy("heuristic", DEFAULT_CHECKPOINT), HeuristicPolicy)
+    assert isinstance(make_policy("int4", DEFAULT_CHECKPOINT), ConstantPolicy)
+    assert isinstance(make_policy("rl", DEFAULT_CHECKPOINT), FallbackPolicy)
+    assert set(POLICY_NAMES) == {"fp", "int4", "heuristic", "rl"}
+    with pytest.raises(ValueError, match="accepted: fp, int4, heuristic, rl"):
+        make_policy("random", DEFAULT_CHECKPOINT)
+
+
+def test_shipped_checkpoint_environment_is_rebuilt_from_its_metadata() -> None:
+    meta = read_metadata(DEFAULT_CHECKPOINT)
+    env = env_from_metadata(meta)
+    assert env.windows == [tuple(w) for w in meta["eval_windows"]]
+    assert env.action_mode == "target" and env.tick_s == meta["tick_s"]
+    assert env.replica.num_layers == meta["num_layers"]
+    assert env.weights == RewardWeights(**meta["reward_weights"])
+    slower = env_from_metadata(meta, time_scale=2 * meta["time_scale"])
+    held_out = slower.trace.duration_s * meta["train_frac"]
+    assert slower.windows and min(start for start, _ in slower.windows) >= held_out
+
+
+def test_shipped_checkpoint_metadata_carries_no_machine_paths() -> None:
+    def strings(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    meta = read_metadata(DEFAULT_CHECKPOINT)
+    assert not [s for s in strings(meta) if s.startswith(("/", "~")) or ":\\" in s]
+
+
+def test_training_records_file_arguments_relative_to_the_checkout() -> None:
+    train = importlib.import_module("rl_controller.train")
+    recorded = train.portable_args(train.Args())
+    assert recorded["out"] == "checkpoints/morph-ppo.zip"
+    assert recorded["calibration"] == "envs/calibrations/stories260K-cpu.json"
+    assert recorded["profile"] == "checkpoints/profiles/stories260K-int4.json"
+    assert recorded["quality"] == ""
+
+
+@pytest.mark.parametrize(
+    "command", ["rl_controller.train", "rl_controller.evaluate", "envs.sim_vs_real",
+                "envs.calibrate"],
+)
+def test_commands_parse_their_options(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--" in capsys.readouterr().out

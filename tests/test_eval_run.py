@@ -1,11 +1,12 @@
-"""eval.run: outputs on synthetic results, input errors before any server, interrupts, and
-(slow) a real end-to-end replay against sglang_morph servers."""
+"""eval.run: outputs on synthetic results, input errors before any server, interrupts, RL
+fallbacks, resuming, and (slow) real end-to-end replays against sglang_morph servers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,13 +17,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import unused_port
 
+from eval import execute as exe
 from eval import run as runmod
 from eval import servers
 from eval.metrics import Slo
+from eval.plan import Plan
 from eval.replay import Replayer, RequestRecord
 from eval.report import comparisons
+from eval.run_dir import SystemRun
 from eval.servers import poll_state, start_server, stop_server
+from eval.summary import build_summary, system_quality, write_outputs
 from eval.traces import Trace, TraceRequest
+from sglang_morph.paths import DEFAULT_CHECKPOINT
 from sglang_morph.server_process import Server, ServerError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +49,7 @@ SYSTEM_FIELDS = {
 }
 
 
-def _plan(tmp_path: Path, systems: str, *extra: str) -> runmod.Plan:
+def _plan(tmp_path: Path, systems: str, *extra: str) -> Plan:
     args = runmod.build_parser().parse_args(
         ["--out", str(tmp_path), "--systems", systems, "--slo-ttft", "0.5", "--slo-tpot", "0.1"]
         + list(extra)
@@ -63,7 +69,7 @@ def _plan(tmp_path: Path, systems: str, *extra: str) -> runmod.Plan:
         },
         "span_s": 4.0,
     }
-    return runmod.Plan(
+    return Plan(
         Trace("synthetic", requests, meta),
         systems.split(","),
         "/nonexistent-model",
@@ -74,6 +80,7 @@ def _plan(tmp_path: Path, systems: str, *extra: str) -> runmod.Plan:
         None,
         tmp_path,
         args,
+        slo=Slo(0.5, 0.1, "absolute"),
     )
 
 
@@ -94,40 +101,39 @@ def _fake_quality(monkeypatch: pytest.MonkeyPatch, calls: list) -> None:
         k = len(layer_formats)
         return {"ppl": 3.5 + 0.1 * k, "kl": 0.01 * k + 0.5}
 
-    module = types.ModuleType("eval.quality")
+    module = types.ModuleType("eval.quality_eval")
     module.evaluate_formats = evaluate_formats  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "eval.quality", module)
+    monkeypatch.setitem(sys.modules, "eval.quality_eval", module)
 
 
 def test_outputs_on_synthetic_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list = []
     _fake_quality(monkeypatch, calls)
     plan = _plan(tmp_path, "fp,static-int4,morph-heuristic")
-    slo = Slo(0.5, 0.1, "absolute")
-    fp = runmod.SystemRun("fp", 0, _records(1.0, 0.05, failed=2), [{"t": 0.0, "formats": {}}])
+    fp = SystemRun("fp", 0, _records(1.0, 0.05, failed=2), [{"t": 0.0, "formats": {}}])
     fp.state_start, fp.state_end = {"transitions": 0}, {"transitions": 0}
-    static = runmod.SystemRun("static-int4", 0, _records(0.2, 0.05))  # no timeline: nominal
+    static = SystemRun("static-int4", 0, _records(0.2, 0.05))  # no timeline: nominal
     timeline = [
         {"t": 0.0, "formats": {}, "queue_len": 0, "running_reqs": 0, "quantized_layers": 0,
          "kv_capacity_tokens": 768, "kv_used_tokens": 0},
         {"t": 2.0, "formats": {"4": "int4"}, "queue_len": 3, "running_reqs": 2,
          "quantized_layers": 1, "kv_capacity_tokens": 900, "kv_used_tokens": 500},
     ]  # fmt: skip
-    morph = runmod.SystemRun("morph-heuristic", 0, _records(0.25, 0.05), timeline)
+    morph = SystemRun("morph-heuristic", 0, _records(0.25, 0.05), timeline)
     morph.state_start, morph.state_end = {"transitions": 1}, {"transitions": 3}
     runs = {"fp": [fp], "static-int4": [static], "morph-heuristic": [morph]}
 
     cache: dict = {}
     notes: list[str] = []
-    quality = {s: runmod.system_quality(plan, s, r, cache, notes) for s, r in runs.items()}
+    quality = {s: system_quality(plan, s, r, cache, notes) for s, r in runs.items()}
     assert quality["fp"][:2] == (3.5, 0.0)  # fp: k = 0 and KL forced to 0
     assert quality["static-int4"][0] == pytest.approx(4.0)
     assert 3.5 < quality["morph-heuristic"][0] < 3.6
     assert {} in calls and {4: "int4"} in calls and {i: "int4" for i in range(5)} in calls
     assert len(calls) == len(cache) == 3  # fp, all-int4, one layer: each computed once
 
-    summary = runmod.build_summary(plan, slo, runs, False, quality, notes)
-    runmod.write_outputs(plan, summary, runs, figures=True)
+    summary = build_summary(plan, runs, False, quality, notes)
+    write_outputs(plan, summary, runs, figures=True)
 
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["trace"]["time_scale"] == 2.0 and written["trace"]["requests"] == 8
@@ -166,17 +172,28 @@ def test_outputs_on_synthetic_results(tmp_path: Path, monkeypatch: pytest.Monkey
         (["--window", "ten:20"], "START:END"),
         (["--systems", "morph-rl", "--rl-checkpoint", "/no/such.zip"], "checkpoint"),
         (["--budget", "1MB"], "KV tokens"),
+        (["--profile", "/no/such.json"], "--profile"),
+        (["--resume", "/no/such/run"], "not a run directory"),
+        (["--resume", "/tmp", "--out", "/tmp/x"], "not allowed with argument"),
+        (["--reps", "two"], "invalid int value"),
     ],
 )
 def test_bad_input_fails_before_any_server(
     argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    """Input the user must change: status 2 and one line, before any server starts."""
+
     def no_server(*_: object, **__: object) -> None:
         raise AssertionError("a server was started")
 
-    monkeypatch.setattr(runmod, "start_server", no_server)
-    assert runmod.main(argv) == 2
-    assert message in capsys.readouterr().err
+    monkeypatch.setattr(exe, "start_server", no_server)
+    try:
+        status = runmod.main(argv)
+    except SystemExit as exit_:  # argparse's own checks
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_malformed_trace_file_names_its_line(
@@ -184,69 +201,129 @@ def test_malformed_trace_file_names_its_line(
 ) -> None:
     path = tmp_path / "t.csv"
     path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9,10,x\n")
-    monkeypatch.setattr(runmod, "start_server", None)
+    monkeypatch.setattr(exe, "start_server", None)
     assert runmod.main(["--trace", str(path)]) == 2
     assert f"{path}:2:" in capsys.readouterr().err
 
 
+def _fake_server(*_: object) -> Server:
+    return types.SimpleNamespace(url="http://127.0.0.1:1")  # type: ignore[return-value]
+
+
+def _fake_servers(
+    monkeypatch: pytest.MonkeyPatch, replay: object, started: list | None = None
+) -> None:
+    """Servers that start at once and replays that ``replay`` fills in."""
+
+    def launch(plan: Plan, system: str, rep: int) -> Server:
+        if started is not None:
+            started.append((system, rep))
+        return _fake_server()
+
+    monkeypatch.setattr(exe, "launch", launch)
+    monkeypatch.setattr(exe, "replay_system", replay)
+    monkeypatch.setattr(exe, "stop_server", lambda server: None)
+
+
 def test_interrupt_still_writes_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     plan = _plan(tmp_path, "fp,morph-heuristic")
-    started: list[str] = []
+    started: list = []
 
-    def launch(plan: runmod.Plan, system: str, rep: int, slo: Slo | None) -> Server:
-        started.append(system)
-        return types.SimpleNamespace(url="http://127.0.0.1:1")  # type: ignore[return-value]
-
-    def replay(plan: runmod.Plan, server: Server, run: runmod.SystemRun) -> None:
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
         run.records.extend(_records(0.1, 0.01)[:5])
         if run.system == "morph-heuristic":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runmod, "launch", launch)
-    monkeypatch.setattr(runmod, "replay_system", replay)
-    monkeypatch.setattr(runmod, "stop_server", lambda server: None)
-    assert runmod.execute(plan) == 130
-    assert started == ["fp", "morph-heuristic"]
+    _fake_servers(monkeypatch, replay, started)
+    assert exe.execute(plan) == 130
+    assert started == [("fp", 0), ("morph-heuristic", 0)]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["interrupted"] is True
     assert summary["systems"]["morph-heuristic"]["completed"] == 5
     assert "INTERRUPTED" in (tmp_path / "report.md").read_text()
+    # Only the finished system-rep is kept for a resume; the interrupted one is replayed.
+    assert (tmp_path / "fp" / "rep0.json").is_file()
+    assert not (tmp_path / "morph-heuristic" / "rep0.json").exists()
 
 
-def test_server_that_fails_is_noted_and_skipped(
+def test_server_that_fails_is_marked_and_skipped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = _plan(tmp_path, "fp,static-int4")
     _fake_quality(monkeypatch, [])
 
-    def launch(plan: runmod.Plan, system: str, rep: int, slo: Slo | None) -> Server:
-        if system == "static-int4":
-            raise ServerError("server exited with status 1\nlog tail")
-        return types.SimpleNamespace(url="http://127.0.0.1:1")  # type: ignore[return-value]
-
-    def replay(plan: runmod.Plan, server: Server, run: runmod.SystemRun) -> None:
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
         run.records.extend(_records(0.1, 0.01))
 
-    monkeypatch.setattr(runmod, "launch", launch)
-    monkeypatch.setattr(runmod, "replay_system", replay)
-    monkeypatch.setattr(runmod, "stop_server", lambda server: None)
-    assert runmod.execute(plan) == 1
+    _fake_servers(monkeypatch, replay)
+
+    def launch(plan: Plan, system: str, rep: int) -> Server:
+        if system == "static-int4":
+            raise ServerError("server exited with status 1\nlog tail")
+        return _fake_server()
+
+    monkeypatch.setattr(exe, "launch", launch)
+    assert exe.execute(plan) == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["systems"]) == ["fp"]
-    assert any("static-int4 rep 0: server failed to start" in n for n in summary["notes"])
+    reason = "server failed to start: server exited with status 1 (last log line: log tail)"
+    assert summary["failures"] == [{"system": "static-int4", "rep": 0, "reason": reason}]
+    report = (tmp_path / "report.md").read_text()
+    assert "static-int4 rep 0 FAILED: server failed to start" in report
+
+
+def test_rl_fallback_fails_the_rep_and_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A morph-rl rep whose policy fell back to the heuristic is the heuristic's result under
+    the RL name: it is marked failed with the server's reason, and the run exits 1."""
+    plan = _plan(tmp_path, "morph-heuristic,morph-rl")
+    _fake_quality(monkeypatch, [])
+
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
+        run.records.extend(_records(0.1, 0.01))
+        run.state_start = {"transitions": 0, "fallbacks": 0}
+        if run.system == "morph-rl":
+            run.state_end = {"transitions": 0, "fallbacks": 7, "policy_loaded": False,
+                             "fallback_reason": "checkpoint failed to load: bad zip"}  # fmt: skip
+        else:
+            run.state_end = {"transitions": 2, "fallbacks": 0}
+
+    _fake_servers(monkeypatch, replay)
+    assert exe.execute(plan) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reason = "RL policy fell back to the heuristic on 7 ticks: checkpoint failed to load: bad zip"
+    rl = summary["systems"]["morph-rl"]
+    assert rl["failures"] == [{"rep": 0, "reason": reason}]
+    assert rl["policy_loaded"] is False and rl["fallbacks"] == 7
+    assert rl["per_rep"][0]["failure"] == reason
+    assert summary["systems"]["morph-heuristic"]["failures"] == []
+    assert summary["failures"] == [{"system": "morph-rl", "rep": 0, "reason": reason}]
+    report = (tmp_path / "report.md").read_text()
+    assert "| morph-rl (FAILED) |" in report and f"morph-rl rep 0 FAILED: {reason}" in report
+    assert f"morph-rl rep 0 FAILED: {reason}" in capsys.readouterr().out
+
+
+def test_policy_failure_reads_the_state() -> None:
+    assert exe.policy_failure({"fallbacks": 0, "policy_loaded": True}) is None
+    assert exe.policy_failure({"fallbacks": 0}) is None  # a server that does not say
+    assert "could not be read" in exe.policy_failure(None)
+    assert "not loaded" in exe.policy_failure({"fallbacks": 0, "policy_loaded": False})
+    assert "on 2 ticks: nan" in exe.policy_failure({"fallbacks": 2, "fallback_reason": "nan"})
 
 
 def test_no_fp_server_means_no_slo_and_a_clear_note(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = _plan(tmp_path, "static-int4")
-    plan.args.slo_ttft = None  # the SLOs must be measured on an fp server, which fails
+    plan.slo = None  # the SLOs must be measured on an fp server, which fails
+    plan.args.slo_ttft = None
 
-    def launch(plan: runmod.Plan, system: str, rep: int, slo: Slo | None) -> Server:
+    def launch(plan: Plan, system: str, rep: int) -> Server:
         raise ServerError("server exited with status 1")
 
-    monkeypatch.setattr(runmod, "launch", launch)
-    assert runmod.execute(plan) == 1
+    monkeypatch.setattr(exe, "launch", launch)
+    assert exe.execute(plan) == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["slo"] is None and summary["systems"] == {}
     assert "fp server needed to measure the SLOs" in summary["notes"][0]
@@ -255,8 +332,82 @@ def test_no_fp_server_means_no_slo_and_a_clear_note(
 
 def test_fp_goes_first_when_slos_are_measured(tmp_path: Path) -> None:
     plan = _plan(tmp_path, "static-int4,fp")
-    assert runmod._order(plan, needs_calibration=True) == ["fp", "static-int4"]
-    assert runmod._order(plan, needs_calibration=False) == ["static-int4", "fp"]
+    assert exe._order(plan, needs_calibration=True) == ["fp", "static-int4"]
+    assert exe._order(plan, needs_calibration=False) == ["static-int4", "fp"]
+
+
+def test_user_paths_reach_servers_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers run in another directory: a relative checkpoint must reach them absolute (or the
+    RL policy silently never loads), and with no --port each server gets a free one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "policy.zip").write_bytes(b"not read here")
+    args = runmod.build_parser().parse_args(
+        ["--systems", "morph-rl", "--rl-checkpoint", "policy.zip", "--window", "0:5",
+         "--slo-ttft", "1", "--slo-tpot", "1", "--out", "run"]
+    )  # fmt: skip
+    plan = runmod.make_plan(args)
+    assert plan.out_dir == tmp_path / "run" and Path(plan.model_path).is_absolute()
+    calls: list = []
+    monkeypatch.setattr(exe, "start_server", lambda *a: calls.append(a))
+    exe.launch(plan, "morph-rl", 0)
+    model, port, flags, _log = calls[0]
+    assert port is None and Path(model).is_absolute()
+    assert flags[flags.index("--morph-checkpoint") + 1] == str(tmp_path / "policy.zip")
+    default = runmod.build_parser().parse_args([])
+    assert default.rl_checkpoint == str(DEFAULT_CHECKPOINT) and DEFAULT_CHECKPOINT.is_absolute()
+
+
+def test_resume_replays_only_the_missing_system_reps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Interrupted during its second system, a run resumed with --resume replays only that
+    system, leaves the first one's file untouched, and ends with the summary an uninterrupted
+    run writes."""
+    _fake_quality(monkeypatch, [])
+    monkeypatch.setattr(runmod.signal, "signal", lambda *a: None)
+    interrupt = {"static-int4"}
+    started: list = []
+
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
+        run.records.extend(_records(0.1 if run.system == "fp" else 0.05, 0.01))
+        run.state_start = run.state_end = {"transitions": 0}
+        if run.system in interrupt:
+            raise KeyboardInterrupt
+
+    _fake_servers(monkeypatch, replay, started)
+    options = ["--window", "0:5", "--systems", "fp,static-int4", "--slo-ttft", "0.5",
+               "--slo-tpot", "0.1"]  # fmt: skip
+    run = tmp_path / "run"
+    assert runmod.main([*options, "--out", str(run)]) == 130
+    fp_file = (run / "fp" / "rep0.json").read_bytes()
+    assert not (run / "static-int4" / "rep0.json").exists()
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["slo"]["ttft_s"] == 0.5 and plan["options"]["systems"] == "fp,static-int4"
+
+    assert runmod.main(["--resume", str(run), "--systems", "fp"]) == 2
+    assert "--systems 'fp' (saved: 'fp,static-int4')" in capsys.readouterr().err
+    assert runmod.main([*options, "--out", str(run)]) == 2  # a fresh run may not overwrite it
+
+    interrupt.clear()
+    started.clear()
+    assert runmod.main(["--resume", str(run), "--port", "31599", "--reps", "1"]) == 0
+    assert started == [("static-int4", 0)]
+    assert (run / "fp" / "rep0.json").read_bytes() == fp_file
+    resumed = json.loads((run / "summary.json").read_text())
+
+    whole = tmp_path / "whole"
+    assert runmod.main([*options, "--out", str(whole)]) == 0
+    expected = json.loads((whole / "summary.json").read_text())
+    assert resumed["interrupted"] is False and set(resumed) == set(expected)
+    assert list(resumed["systems"]) == list(expected["systems"]) == ["fp", "static-int4"]
+    for name, row in expected["systems"].items():
+        assert set(resumed["systems"][name]) == set(row)
+        assert resumed["systems"][name]["per_rep"] == row["per_rep"]
+    assert any("resumed: fp rep 0" in note for note in resumed["notes"])
+    lines = (run / "static-int4" / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and all(json.loads(line)["rep"] == 0 for line in lines)
 
 
 async def _fake_generate(request: web.Request) -> web.StreamResponse:
@@ -379,11 +530,12 @@ def test_server_lifecycle_reaches_the_whole_process_group(
 
 @pytest.mark.slow
 def test_end_to_end_against_real_servers(tmp_path: Path) -> None:
-    """A short, light window replayed to fp and static-int4 servers: every request completes."""
+    """A short, light window replayed to fp and static-int4 servers (each on a free port):
+    every request completes."""
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "eval.run", "--trace", "azure-code", "--window", "0:20",
-        "--time-scale", "1", "--systems", "fp,static-int4", "--out", str(out), "--port", "31590",
+        "--time-scale", "1", "--systems", "fp,static-int4", "--out", str(out),
         "--request-timeout", "60",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -396,3 +548,42 @@ def test_end_to_end_against_real_servers(tmp_path: Path) -> None:
         assert row["failed"] == 0 and row["completed"] == summary["trace"]["requests"]
     assert summary["systems"]["static-int4"]["quantized_layers_at_start"] == 5
     assert (out / "report.md").exists() and (out / "ttft_cdf.png").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_the_harness_is_killed(tmp_path: Path) -> None:
+    """The harness is killed outright (SIGKILL: no cleanup of its own runs) as soon as its first
+    system-rep is on disk; --resume replays the second system only and completes the run."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "eval.run", "--trace", "azure-code", "--window", "0:10",
+        "--time-scale", "1", "--systems", "fp,static-int4", "--out", str(out),
+        "--slo-ttft", "1", "--slo-tpot", "0.2", "--request-timeout", "60",
+    ]  # fmt: skip
+    first = out / "fp" / "rep0.json"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.exists(), "the first system-rep never finished"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    fp_file = first.read_bytes()
+    assert not (out / "summary.json").exists() or "static-int4" not in json.loads(
+        (out / "summary.json").read_text()
+    )["systems"]
+
+    resume = [sys.executable, "-m", "eval.run", "--resume", str(out)]
+    done = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert first.read_bytes() == fp_file
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is False and summary["failures"] == []
+    for name in ("fp", "static-int4"):
+        row = summary["systems"][name]
+        assert SYSTEM_FIELDS <= set(row)
+        assert row["failed"] == 0 and row["completed"] == summary["trace"]["requests"]
+    assert "starting fp" not in done.stderr and "starting static-int4" in done.stderr

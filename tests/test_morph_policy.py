@@ -1,13 +1,19 @@
 """The controller in the live server: the heuristic reacts to a burst and settles back, its
-gauges reach Prometheus, and an unusable RL checkpoint falls back without stopping serving."""
+gauges reach Prometheus; the shipped RL policy runs (no fallback) and moves the layers; an
+unusable RL checkpoint stops the launcher before anything starts."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
+from sglang_morph.paths import DEFAULT_CHECKPOINT
 from sglang_morph.server_process import Server
 
 BUDGET = "2100000"  # ~768 KV tokens at full precision: a burst of long prompts does not fit
@@ -83,20 +89,40 @@ def test_manual_swap_refused_while_policy_decides(heuristic):
     assert r.status_code == 409 and "heuristic policy owns" in r.json()["error"]
 
 
-def test_corrupt_rl_checkpoint_falls_back_and_keeps_serving(tmp_path_factory):
-    bad = tmp_path_factory.mktemp("ckpt") / "broken.zip"
-    bad.write_bytes(b"not a zip file")
-    s = Server(["--morph-policy", "rl", "--morph-checkpoint", str(bad),
+@pytest.mark.parametrize("content", [None, b"not a zip file"])
+def test_unusable_rl_checkpoint_is_a_one_line_error(tmp_path, content):
+    checkpoint = tmp_path / "policy.zip"
+    if content is not None:
+        checkpoint.write_bytes(content)
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "sglang_morph.launch_server", "--morph-policy", "rl",
+                        "--morph-checkpoint", "policy.zip"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and time.monotonic() - started < 60
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert str(tmp_path) in r.stderr  # resolved where the launcher was started
+
+
+@pytest.fixture(scope="module")
+def rl():
+    """The shipped policy, named by a path relative to the directory the server starts in."""
+    relative = os.path.relpath(DEFAULT_CHECKPOINT, tempfile.gettempdir())
+    s = Server(["--morph-policy", "rl", "--morph-checkpoint", relative,
                 "--morph-memory-budget", BUDGET, "--morph-ttft-slo", "0.5"])
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            results = pool.submit(burst, s)
-            seen = watch(s, results)
-            done = results.result()
-        assert all(r["meta_info"]["completion_tokens"] == 60 for r in done)
-        st = s.client.state()
-        assert st["policy"] == "rl" and st["fallbacks"] > 0
-        assert max(x["quantized_layers"] for x in seen) > 0  # the heuristic took over
-        assert "RL checkpoint unusable" in s.log_path.read_text()
-    finally:
-        s.stop()
+    yield s
+    s.stop()
+
+
+def test_rl_policy_decides_without_fallback_and_moves_the_layers(rl):
+    st = rl.client.state()
+    assert st["policy"] == "rl" and st["policy_loaded"] == str(DEFAULT_CHECKPOINT)
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(burst, rl, 16)
+        seen = watch(rl, results)
+        done = results.result()
+    assert all(r["meta_info"]["completion_tokens"] == 60 for r in done)
+    st = rl.client.state()
+    assert st["fallbacks"] == 0 and st["fallback_reason"] is None and not st["frozen"]
+    assert st["last_observation"]["target"] is not None and st["decision_s_median"] is not None
+    assert max(x["quantized_layers"] for x in seen) > 0, "the policy never quantized in the burst"
+    assert st["transitions"] > 0 and st["device_bytes_in_use"] <= int(BUDGET)

@@ -1,4 +1,5 @@
-"""The shared observation: shape, range, robustness to bad inputs, and the rate meter."""
+"""The shared observation: shape, range, robustness to bad inputs, and the snapshot builder's
+KV accounting."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import math
 import numpy as np
 import pytest
 
+from rl_controller.clock import LoadClock
 from rl_controller.observation import (
     FEATURES,
     OBS_SIZE,
-    ArrivalRateMeter,
     LoadSnapshot,
+    RawLoad,
+    build_snapshot,
     observation_vector,
 )
 
@@ -56,15 +59,22 @@ def test_features_respond_to_load() -> None:
     assert busy[9] > calm[9]  # oldest wait relative to the SLO
 
 
-def test_rate_meter_window() -> None:
-    meter = ArrivalRateMeter(window_s=2.0)
-    for t in (0.1, 0.5, 1.0, 1.5):
-        meter.record(t)
-    assert meter.rate(1.5) == pytest.approx(2.0)  # 4 events / 2 s
-    assert meter.count(2.2) == 3  # 0.1 left the window (0.2, 2.2]
-    assert meter.count(2.6) == 2
-    meter.record(2.7, n=3)
-    assert meter.count(2.7) == 5
-    assert meter.count(10.0) == 0
-    with pytest.raises(ValueError):
-        ArrivalRateMeter(window_s=0)
+def raw(**overrides) -> RawLoad:
+    base = RawLoad(
+        queue_len=2, queued_prompt_tokens=300, head_demand_tokens=180, running_reqs=3,
+        kv_capacity_tokens=512, kv_held_tokens=200, kv_free_slots=280, kv_evictable_tokens=32,
+        kv_promised_tokens=90, oldest_arrival_s=9.5, ttft_slo_s=0.08, quantized_layers=1,
+        num_layers=5, tokens_per_layer=122,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def test_promised_decodes_count_as_used_up_to_the_free_slots() -> None:
+    clock = LoadClock(start_s=4.0)
+    snap = build_snapshot(raw(), clock, now=10.0)
+    assert (snap.kv_used_tokens, snap.kv_free_tokens) == (290, 190)
+    assert snap.oldest_wait_s == pytest.approx(0.5) and snap.seconds_since_transition == 6.0
+    short = build_snapshot(raw(kv_promised_tokens=400), clock, now=10.0)
+    assert (short.kv_used_tokens, short.kv_free_tokens) == (480, 0)
+    idle = build_snapshot(raw(queue_len=0, oldest_arrival_s=None), clock, now=10.0)
+    assert idle.oldest_wait_s == 0.0

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.quality import QualityEvaluator, evaluate_formats, main, plot_quality
+from eval.quality import main, plot_quality
+from eval.quality_eval import QualityEvaluator, evaluate_formats
 from sglang_morph.data import resolve_model
 from sglang_morph.hf_model import TokenText, load_model, load_tokenizer, tokenize_stories
 from sglang_morph.profile import build_profile
@@ -88,7 +89,7 @@ def test_awq_uses_the_profile_scales(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     def no_sampling(*args: object, **kwargs: object) -> None:
         raise AssertionError("the profile's AWQ scales should have been used")
 
-    monkeypatch.setattr("eval.quality.sample_text", no_sampling)
+    monkeypatch.setattr("eval.quality_eval.sample_text", no_sampling)
     every = {i: "int4" for i in range(profile["num_layers"])}
     awq = evaluate_formats(resolve_model(None), every, quant_method="awq", profile=profile)
     rtn = evaluate_formats(resolve_model(None), every)
@@ -115,7 +116,8 @@ def test_cli_report_shape(tmp_path: Path) -> None:
     text.write_text(SHORT_TEXT)
     out = tmp_path / "q.json"
     profile_path = str(tmp_path / "p.json")
-    main(["--profile", profile_path, "--text", str(text), "--seeds", "2", "--out", str(out)])
+    argv = ["--profile", profile_path, "--text", str(text), "--seeds", "2", "--out", str(out)]
+    assert main(argv) == 0
     report = json.loads(out.read_text())
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     layers = profile["num_layers"]
@@ -149,9 +151,9 @@ def test_compare_methods_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
         sampled.append(1)
         return tokenize_stories(text, load_tokenizer(resolve_model(None)))
 
-    monkeypatch.setattr("eval.quality.sample_text", short_sample)
+    monkeypatch.setattr("eval.quality_eval.sample_text", short_sample)
     out = tmp_path / "methods.json"
-    main(["--compare-methods", "--text", str(text), "--out", str(out)])
+    assert main(["--compare-methods", "--text", str(text), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {(r["format"], r["quant_method"], r["group_size"]): r for r in report["all_layers"]}
     # int8 once per method (per channel); int4 per method and group size.
@@ -166,3 +168,28 @@ def test_compare_methods_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     # Coarser int4 groups lose more; int8 loses far less than any int4.
     rtn = [rows[("int4", "rtn", g)]["kl"] for g in (32, 64, 128)]
     assert rtn[0] < rtn[2] and rows[("int8", "rtn", None)]["kl"] < min(rtn) / 10
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--profile", "/no/such.json"], "cannot read layer profile"),
+        (["--text", "/no/such.txt"], "--text /no/such.txt: no such file"),
+        (["--model-path", "/no/such-model"], "--model-path"),
+        (["--format", "int3"], "invalid choice"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Options the user must change: status 2 and one line naming the option, before any model
+    is loaded or profile computed."""
+    argv = [*argv, "--out", str(tmp_path / "q.json")]
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own checks
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err
+    assert len(err.strip().splitlines()) == 1, err

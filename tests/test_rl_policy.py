@@ -1,10 +1,10 @@
-"""RL checkpoints: loading, refusal of bad ones, and the heuristic fallback."""
+"""RL checkpoints: export of the actor, numpy loading, refusal of bad files, and the controller's
+fallback to the heuristic."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -15,10 +15,19 @@ from stable_baselines3 import PPO
 
 from envs.morph_env import MorphEnv
 from eval.traces import Trace, TraceRequest
+from rl_controller import actor_export
+from rl_controller.actor_export import export_actor
+from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import OBS_SIZE, OBS_VERSION, LoadSnapshot, observation_vector
 from rl_controller.policy import DELTA_ACTIONS
-from rl_controller.rl_policy import CheckpointError, FallbackPolicy, RLPolicy
+from rl_controller.rl_policy import (
+    CheckpointError,
+    FallbackPolicy,
+    RLPolicy,
+    actor_path,
+    arrays_from_layers,
+)
 
 
 def trace() -> Trace:
@@ -48,7 +57,8 @@ def write_metadata(zip_path: Path, **overrides) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PPO policy after 128 steps: untrained, but a real checkpoint in the real format."""
+    """A PPO policy after 128 steps: untrained, but a real checkpoint in the real format, with
+    its metadata and exported actor."""
     torch.set_num_threads(1)
     env = MorphEnv(trace(), [(0.0, 15.0)])
     model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu",
@@ -57,7 +67,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.zip"
     model.save(path)
     write_metadata(path)
+    assert export_actor(path) == actor_path(path) == path.with_name("tiny.actor.npz")
     return path
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """``dst`` (a .zip) with copies of ``src``'s metadata and actor beside it."""
+    for suffix in (".zip", ".json", ".actor.npz"):
+        shutil.copy(src.with_suffix(suffix), dst.with_suffix(suffix))
+    return dst
 
 
 def test_load_and_decide_match_sb3(checkpoint: Path) -> None:
@@ -69,21 +87,47 @@ def test_load_and_decide_match_sb3(checkpoint: Path) -> None:
         assert rl.decide(snap) == expected
 
 
-def test_corrupt_checkpoint_raises(tmp_path: Path) -> None:
+def test_export_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "garbage.zip"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     write_metadata(path)
-    with pytest.raises(CheckpointError, match="cannot load"):
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        export_actor(path)
+    with pytest.raises(CheckpointError, match="garbage.actor.npz does not exist: export it"):
         RLPolicy.load(path)
 
 
-def test_missing_checkpoint_and_metadata_raise(tmp_path: Path, checkpoint: Path) -> None:
+def test_missing_checkpoint_metadata_or_actor_raise(tmp_path: Path, checkpoint: Path) -> None:
     with pytest.raises(CheckpointError, match="does not exist"):
         RLPolicy.load(tmp_path / "absent.zip")
     lone = tmp_path / "lone.zip"
     shutil.copy(checkpoint, lone)
     with pytest.raises(CheckpointError, match="metadata"):
         RLPolicy.load(lone)
+    write_metadata(lone)
+    with pytest.raises(CheckpointError, match="lone.actor.npz does not exist"):
+        RLPolicy.load(lone)
+
+
+def test_damaged_or_stale_actor_files_are_refused(tmp_path: Path, checkpoint: Path) -> None:
+    damaged = copy_checkpoint(checkpoint, tmp_path / "damaged.zip")
+    actor_path(damaged).write_bytes(b"not an npz")
+    with pytest.raises(CheckpointError, match="cannot read actor file"):
+        RLPolicy.load(damaged)
+    stale = copy_checkpoint(checkpoint, tmp_path / "stale.zip")
+    with open(stale, "ab") as fh:  # the zip changed after the export (e.g. retrained)
+        fh.write(b"\0")
+    with pytest.raises(CheckpointError, match="exported from another version"):
+        RLPolicy.load(stale)
+
+
+def test_actor_with_other_actions_is_refused(tmp_path: Path, checkpoint: Path) -> None:
+    path = copy_checkpoint(checkpoint, tmp_path / "four.zip")
+    layers = [(np.ones((8, OBS_SIZE)), np.zeros(8), "Tanh"), (np.ones((4, 8)), np.zeros(4), None)]
+    np.savez(actor_path(path), **arrays_from_layers(layers), probes=np.zeros((1, OBS_SIZE)),
+             probe_log_probs=np.zeros((1, 4)), checkpoint_sha256=np.array(""))
+    with pytest.raises(CheckpointError, match="has 4 actions; this code expects 3"):
+        RLPolicy.load(path)
 
 
 @pytest.mark.parametrize(
@@ -91,52 +135,94 @@ def test_missing_checkpoint_and_metadata_raise(tmp_path: Path, checkpoint: Path)
     [{"obs_version": OBS_VERSION + 1}, {"obs_size": OBS_SIZE - 1}, {"action_mode": "target"}],
 )
 def test_incompatible_metadata_raises(tmp_path: Path, checkpoint: Path, overrides: dict) -> None:
-    path = tmp_path / "other.zip"
-    shutil.copy(checkpoint, path)
+    path = copy_checkpoint(checkpoint, tmp_path / "other.zip")
     write_metadata(path, **overrides)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="other.json"):
         RLPolicy.load(path)
 
 
-def test_fallback_after_failed_load_uses_heuristic(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    path = tmp_path / "garbage.zip"
-    path.write_bytes(b"\x00not a zip at all")
-    write_metadata(path)
-    policy = FallbackPolicy.from_checkpoint(path)
-    reference = HeuristicPolicy()
-    with caplog.at_level(logging.WARNING, logger="rl_controller.rl_policy"):
-        decisions = [policy.decide(s) for s in snapshots()]
-    assert policy.rl is None
-    assert decisions == [reference.decide(s) for s in snapshots()]
-    assert decisions[1] > 0  # the burst snapshot: the heuristic quantizes
-    assert policy.fallbacks == 3
-    assert sum("fallback #" in r.getMessage() for r in caplog.records) == 3
+def test_export_command(tmp_path: Path, checkpoint: Path, capsys) -> None:
+    path = copy_checkpoint(checkpoint, tmp_path / "again.zip")
+    actor_path(path).unlink()
+    actor_export.main([str(path)])
+    assert "again.actor.npz" in capsys.readouterr().out
+    RLPolicy.load(path)
+    garbage = tmp_path / "garbage.zip"
+    garbage.write_bytes(b"\0not a zip")
+    with pytest.raises(SystemExit) as exit_info:
+        actor_export.main([str(garbage)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("error: cannot load checkpoint")
+
+
+def test_policy_runs_on_any_layer_count(checkpoint: Path) -> None:
+    """Features are fractions and the action is a delta: nothing depends on the model's size."""
+    rl = RLPolicy.load(checkpoint)
+    for layers in (2, 32):
+        snap = dataclasses.replace(snapshots()[2], num_layers=layers,
+                                   quantized_layers=min(3, layers))
+        assert abs(rl.decide(snap) - snap.quantized_layers) <= 1
+
+
+# -- the controller --
+
+
+class Broken:
+    name = "broken"
+
+    def __init__(self, answer: object = None) -> None:
+        self.answer = answer
+
+    def decide(self, snap: LoadSnapshot) -> int:
+        if self.answer is None:
+            raise RuntimeError("boom")
+        return self.answer  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("policy", [Broken(), Broken(float("nan")), Broken("three")])
+def test_controller_falls_back_to_the_heuristic_for_that_tick(policy: Broken) -> None:
+    controller, reference = Controller(policy, HeuristicPolicy()), HeuristicPolicy()
+    for snap in snapshots():
+        decision = controller.decide(snap)
+        assert decision.fell_back and decision.reason and decision.seconds >= 0
+        assert decision.target == reference.decide(snap)
+    assert controller.decide(snapshots()[1]).target > 0  # the burst: the heuristic quantizes
+
+
+def test_controller_without_fallback_raises() -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        Controller(Broken()).decide(snapshots()[0])
+
+
+def test_controller_clips_unsafe_targets() -> None:
+    snap = snapshots()[2]  # 3 layers, 700 of 878 tokens used: one restore at most
+    decision = Controller(Broken(0)).decide(snap)
+    assert (decision.target, decision.clipped, decision.fell_back) == (2, True, False)
 
 
 def test_nan_output_falls_back(checkpoint: Path) -> None:
     rl = RLPolicy.load(checkpoint)
     weight, bias, activation = rl.layers[-1]
     rl.layers[-1] = (weight, np.full_like(bias, np.nan), activation)
-    policy = FallbackPolicy(rl)
-    snap = snapshots()[1]
-    assert policy.decide(snap) == HeuristicPolicy().decide(snap)
-    assert policy.fallbacks == 1
+    decision = Controller(rl, HeuristicPolicy()).decide(snapshots()[1])
+    assert decision.fell_back and "non-finite" in decision.reason
+    assert decision.target == HeuristicPolicy().decide(snapshots()[1])
 
 
 def test_healthy_rl_does_not_fall_back(checkpoint: Path) -> None:
-    policy = FallbackPolicy.from_checkpoint(checkpoint)
     rl = RLPolicy.load(checkpoint)
+    policy = FallbackPolicy.from_checkpoint(checkpoint)
     assert [policy.decide(s) for s in snapshots()] == [rl.decide(s) for s in snapshots()]
     assert policy.fallbacks == 0
+    broken = FallbackPolicy(rl)
+    broken.controller.policy = Broken()
+    broken.decide(snapshots()[0])
+    assert broken.fallbacks == 1
 
 
-def test_wrong_layer_count_falls_back(checkpoint: Path) -> None:
-    policy = FallbackPolicy(RLPolicy.load(checkpoint))
-    snap = dataclasses.replace(snapshots()[0], num_layers=32)
-    policy.decide(snap)
-    assert policy.fallbacks == 1
+def test_fallback_policy_refuses_an_unusable_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError):
+        FallbackPolicy.from_checkpoint(tmp_path / "absent.zip")
 
 
 @pytest.mark.slow

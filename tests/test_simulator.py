@@ -9,7 +9,6 @@ import pytest
 
 from envs.calibration import (
     COEFFICIENTS,
-    DEFAULT_CALIBRATION,
     IterationModel,
     IterationSample,
     fit_iteration_model,
@@ -18,6 +17,7 @@ from envs.calibration import (
 )
 from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import Trace, TraceRequest
+from sglang_morph.paths import DEFAULT_CALIBRATION
 
 BASE, PER_TOKEN, PER_DECODE, PER_LAYER, SWAP = 0.005, 1e-4, 1e-3, 5e-4, 0.01
 MODEL = IterationModel(BASE, PER_TOKEN, PER_DECODE, PER_LAYER, SWAP, source="test")

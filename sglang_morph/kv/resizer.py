@@ -15,6 +15,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from sglang_morph.kv.elastic_allocator import ElasticTokenToKVPoolAllocator
+from sglang_morph.scheduler_view import request_held_slots
 
 # Objects of the scheduler that keep their own copy of the KV capacity (see the SGLang notes).
 SIZE_HOLDERS = ("pool_stats_observer", "invariant_checker", "load_inquirer", "kv_events_publisher")
@@ -39,7 +40,6 @@ class KVResizer:
         self.segment = segment_tokens
         self.min_tokens = min_tokens
         self.target = alloc.limit
-        self.resizes = 0
         self.last_step_s = 0.0
         for name in SIZE_HOLDERS:
             if not hasattr(getattr(scheduler, name, None), "max_total_num_tokens"):
@@ -85,10 +85,9 @@ class KVResizer:
         start = time.perf_counter()
         if self.target != self.alloc.limit:
             self.alloc.set_limit(self.target)
-            self.resizes += 1
         if self.alloc.quarantined_size() > 0:
             self._evict_cache_held()
-        self._sync_holders()
+        self.sync_holders()
         self.last_step_s = time.perf_counter() - start
         return self.alloc.quarantined_size() == 0
 
@@ -96,26 +95,12 @@ class KVResizer:
     def complete(self) -> bool:
         return self.alloc.limit == self.target and self.alloc.quarantined_size() == 0
 
-    def _request_held(self) -> torch.Tensor:
-        """Slots referenced by running, admitted or chunked requests."""
-        s = self.scheduler
-        reqs = list(s.running_batch.reqs) if s.running_batch is not None else []
-        if s.chunked_req is not None:
-            reqs.append(s.chunked_req)
-        table = s.req_to_token_pool.req_to_token
-        rows = [
-            table[r.kv.req_pool_idx, : r.kv.kv_allocated_len]
-            for r in reqs
-            if r.kv.req_pool_idx is not None and r.kv.kv_allocated_len > 0
-        ]
-        return torch.cat(rows).to(torch.int64) if rows else torch.empty(0, dtype=torch.int64)
-
     def _evict_cache_held(self) -> None:
         """Evict LRU radix-cache entries while quarantined slots are held by the cache alone."""
         tree = self.scheduler.tree_cache
         while True:
             held = self.alloc.held_above_limit()
-            by_reqs = torch.isin(held, self._request_held()).sum().item()
+            by_reqs = torch.isin(held, request_held_slots(self.scheduler)).sum().item()
             cache_only = held.numel() - by_reqs
             if cache_only <= 0 or tree.evictable_size() <= 0:
                 return
@@ -123,7 +108,9 @@ class KVResizer:
             if not getattr(result, "num_tokens_evicted", 0):
                 return
 
-    def _sync_holders(self) -> None:
+    def sync_holders(self) -> None:
+        """Set every holder of the pool size to the committed size (usable plus quarantined),
+        so SGLang's own invariant ``available + evictable + protected == total`` holds."""
         committed = self.alloc.committed_size()
         s = self.scheduler
         s.max_total_num_tokens = committed
@@ -131,8 +118,3 @@ class KVResizer:
             # Two of these are frozen dataclasses (SGLang assumes a fixed pool); others hold
             # references to them, so they are updated in place rather than replaced.
             object.__setattr__(getattr(s, name), "max_total_num_tokens", committed)
-
-    def used_tokens(self) -> int:
-        """Slots held by requests or the cache (quarantined ones included)."""
-        tree = self.scheduler.tree_cache
-        return self.alloc.committed_size() - self.alloc.available_size() - tree.evictable_size()

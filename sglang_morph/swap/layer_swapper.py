@@ -23,6 +23,7 @@ import torch
 
 from sglang_morph.quant.linear_method import WeightOnlyLinearMethod
 from sglang_morph.quant.quantize import QuantizedWeight, quantize_weight
+from sglang_morph.timings import Timings
 
 # The four linears of an SGLang Llama decoder layer, by attribute path.
 LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -90,8 +91,9 @@ class LayerSwapper:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="morph-swap")
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self.jobs: dict[int, _Job] = {}
-        self.stalls_s: list[float] = []
-        self.leads_s: list[float] = []
+        self.stalls = Timings()
+        """Per commit: seconds the scheduler waited for it (the rebinding at the tick)."""
+        self.leads = Timings()
         """Per commit: seconds from the decision (``prepare``) to the commit: the background
         preparation, then the wait for a tick (and, for a restore, for its KV to be free). The
         simulator applies a decision at once; this is how late the engine does."""
@@ -99,13 +101,20 @@ class LayerSwapper:
     # -- preparation (background) --
 
     def _quantize_layer(self, slot: LayerSlot, fmt: str) -> dict[str, QuantizedWeight]:
-        """Quantized host copies of the layer's four linears."""
+        """Quantized host copies of the layer's four linears, always from full precision: the
+        device weight while the layer runs in fp, its host copy while it runs quantized (the
+        device weight is empty then)."""
         scales = self.act_scales.get(str(slot.layer_id), {})
         out = {}
         for name, lin in slot.linears.items():
             s = scales.get(name.split(".")[-1])
             s = None if s is None else torch.tensor(s, dtype=torch.float32)
-            w = lin.weight.detach().to("cpu", torch.float32)
+            if slot.format == "fp":
+                source = lin.weight.detach()
+            else:
+                assert slot.host_fp is not None, "a quantized layer keeps its fp weights on host"
+                source = slot.host_fp[name]
+            w = source.to("cpu", torch.float32)
             out[name] = quantize_weight(w, fmt, self.group_size, input_scale=s)
         return out
 
@@ -129,7 +138,9 @@ class LayerSwapper:
                 }
             else:
                 if fmt not in slot.copies:
-                    slot.copies[fmt] = self._quantize_layer(slot, fmt)
+                    # A new dict, not an insertion: the scheduler thread may be iterating the
+                    # old one (``/morph/state``) while this thread runs.
+                    slot.copies = {**slot.copies, fmt: self._quantize_layer(slot, fmt)}
                 payload = {"quantized": {n: q.to(self.device) for n, q in slot.copies[fmt].items()}}
                 if slot.host_fp is None:
                     payload["host_fp"] = {
@@ -165,8 +176,8 @@ class LayerSwapper:
         slot.format = job.fmt
         _reset_cached_dispatch(slot.module)
         stall = time.perf_counter() - start
-        self.stalls_s.append(stall)
-        self.leads_s.append(start - job.submitted_s)
+        self.stalls.add(stall)
+        self.leads.add(start - job.submitted_s)
         return stall
 
     # -- accounting --

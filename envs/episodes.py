@@ -1,0 +1,167 @@
+"""Replaying a checkpoint's windows with several controllers, and totalling what they did.
+
+Training ends with this evaluation and ``rl_controller.evaluate`` repeats it later, so both
+rebuild the environment from the checkpoint's metadata (never from today's defaults, which may
+have moved on) and count episodes the same way; ``envs.sim_vs_real`` starts from the same
+environment to put one of its windows on the real engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from envs.calibration import IterationModel
+from envs.morph_env import EpisodeStats, MorphEnv, Window, prepare_trace, split_windows
+from envs.reward import RewardWeights
+from envs.simulator import ReplicaConfig
+from eval.traces import LengthMapping
+from rl_controller.observation import LoadSnapshot
+from rl_controller.policy import Policy
+
+
+def env_from_metadata(
+    meta: dict,
+    windows: Sequence[Window] | None = None,
+    trace: str | None = None,
+    time_scale: float | None = None,
+    calibration: IterationModel | None = None,
+    backend: str = "simulator",
+    tick_s: float | None = None,
+) -> MorphEnv:
+    """The environment a checkpoint was trained in, or a variant of it (another trace, load,
+    engine timing, tick, or the real engine as backend), with absolute-target actions so that
+    any policy can drive it.
+
+    ``windows`` default to the checkpoint's held-out windows: those it recorded, or at another
+    time scale the same held-out part of the trace cut anew; another trace has no held-out
+    part, so it is replayed whole. Windows always have the training length.
+    """
+    scale = meta["time_scale"] if time_scale is None else time_scale
+    name = trace or meta["trace"]
+    prepared = prepare_trace(name, LengthMapping(**meta["length_mapping"]), scale)
+    if windows is None:
+        if name != meta["trace"]:
+            windows = split_windows(prepared, meta["window_s"], 1.0)[0]
+        elif scale != meta["time_scale"]:
+            windows = split_windows(prepared, meta["window_s"], meta["train_frac"])[1]
+        else:
+            windows = [tuple(w) for w in meta["eval_windows"]]
+    return MorphEnv(
+        prepared,
+        windows,
+        calibration=calibration or IterationModel(**meta["calibration"]),
+        replica=ReplicaConfig(**meta["replica"]),
+        quality_table=meta["quality_table"],
+        weights=RewardWeights(**meta["reward_weights"]),
+        tick_s=meta["tick_s"] if tick_s is None else tick_s,
+        backend=backend,
+        action_mode="target",
+    )
+
+
+def run_episode(
+    env: MorphEnv, policy: Policy, window: int, snapshots: list[LoadSnapshot] | None = None
+) -> EpisodeStats:
+    """Replay window ``window`` of ``env`` (in target mode) with ``policy``; optionally keep
+    every snapshot it decided on, to time decisions on realistic inputs later."""
+    env.reset(options={"window": window})
+    done = False
+    while not done:
+        assert env.snapshot is not None
+        if snapshots is not None:
+            snapshots.append(env.snapshot)
+        _, _, terminated, truncated, _ = env.step(policy.decide(env.snapshot))
+        done = terminated or truncated
+    return env.stats
+
+
+@dataclass
+class PolicyResult:
+    """One policy's totals over a set of windows."""
+
+    policy: str
+    windows: int
+    requests: int
+    late: int
+    generated_tokens: int
+    quality_cost: float
+    swapped_layers: int
+    clipped_actions: int
+    mean_layers: float
+    p95_ttft_s: float
+    reward: float
+
+    @property
+    def violation_rate(self) -> float:
+        return self.late / self.requests if self.requests else 0.0
+
+    @property
+    def quality_per_token(self) -> float:
+        """Mean quality delta (ppl by default) of a served token."""
+        return self.quality_cost / self.generated_tokens if self.generated_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        """The totals and the two derived rates, as checkpoint metadata stores them."""
+        return {**asdict(self), "violation_rate": self.violation_rate,
+                "quality_per_token": self.quality_per_token}
+
+
+def total(policy: str, episodes: Sequence[EpisodeStats]) -> PolicyResult:
+    """The totals of ``episodes`` (P95 TTFT over all their requests, not a mean of P95s)."""
+    ttfts = [t for e in episodes for t in e.ttfts]
+    ticks = sum(e.ticks for e in episodes)
+    return PolicyResult(
+        policy=policy,
+        windows=len(episodes),
+        requests=sum(e.requests for e in episodes),
+        late=sum(e.late for e in episodes),
+        generated_tokens=sum(e.generated_tokens for e in episodes),
+        quality_cost=sum(e.quality_cost for e in episodes),
+        swapped_layers=sum(e.swapped_layers for e in episodes),
+        clipped_actions=sum(e.clipped_actions for e in episodes),
+        mean_layers=sum(e.layer_ticks for e in episodes) / ticks if ticks else 0.0,
+        p95_ttft_s=float(np.percentile(ttfts, 95)) if ttfts else 0.0,
+        reward=sum(e.reward for e in episodes),
+    )
+
+
+def evaluate_policies(
+    env: MorphEnv,
+    factories: dict[str, Callable[[], Policy]],
+    snapshots: list[LoadSnapshot] | None = None,
+) -> list[PolicyResult]:
+    """Every policy (a fresh one per window: policies keep state) on every window of ``env``;
+    ``snapshots``, when given, collects the heuristic's inputs."""
+    results = []
+    for name, factory in factories.items():
+        episodes = [
+            run_episode(env, factory(), i, snapshots if name == "heuristic" else None)
+            for i in range(len(env.windows))
+        ]
+        results.append(total(name, episodes))
+    return results
+
+
+def print_results(results: list[PolicyResult], title: str, console: Console) -> None:
+    """The comparison table."""
+    table = Table(title=title)
+    for column in ("policy", "SLO violations", "quality cost/token", "mean int4 layers",
+                   "layer swaps", "clipped", "P95 TTFT ms", "reward"):
+        table.add_column(column, justify="left" if column == "policy" else "right")
+    for r in results:
+        table.add_row(
+            r.policy,
+            f"{r.late}/{r.requests} ({r.violation_rate:.2%})",
+            f"{r.quality_per_token:.4f}",
+            f"{r.mean_layers:.2f}",
+            str(r.swapped_layers),
+            str(r.clipped_actions),
+            f"{r.p95_ttft_s * 1e3:.0f}",
+            f"{r.reward:.1f}",
+        )
+    console.print(table)

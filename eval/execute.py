@@ -1,0 +1,256 @@
+"""Running a plan: every system for every rep, one server at a time, each finished system-rep
+kept on disk the moment it ends.
+
+Systems are interleaved rep by rep so slow drift of the machine hits them alike. When the
+command line gives no SLOs they are measured on the fp server before its first replay, so fp
+goes first then. A system whose server does not start is recorded as failed and the others
+still run. A morph-rl rep whose policy fell back to the heuristic is recorded as failed too: its
+numbers would be the heuristic's under the RL policy's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+
+from rich.console import Console
+
+from eval import report, run_dir
+from eval.metrics import Slo
+from eval.plan import Plan, plan_json
+from eval.replay import Replayer, measure_unloaded
+from eval.run_dir import SystemRun
+from eval.servers import get_state, poll_state, start_server, stop_server, system_flags
+from eval.summary import build_summary, finish, write_outputs
+from sglang_morph.server_process import Server, ServerError
+
+CALIBRATION_REQUESTS = 5
+CALIBRATION_MIN_OUTPUT = 16
+"""Probe requests decode at least this many tokens, so their TPOT is not a 1-2 gap estimate."""
+
+console = Console(stderr=True)
+
+
+class _Skipped(Exception):
+    """A system-rep whose server did not start; ``entry`` goes into the summary's failures."""
+
+    def __init__(self, entry: dict) -> None:
+        super().__init__(entry["reason"])
+        self.entry = entry
+
+
+class _NoSlo(Exception):
+    """The SLOs had to be measured and could not be: nothing can be judged."""
+
+
+def launch(plan: Plan, system: str, rep: int) -> Server:
+    """Start ``system``'s server with the shared model and budget (on ``--port``, or a free
+    port when none is given)."""
+    args = plan.args
+    flags = system_flags(system, plan.budget_bytes, args.rl_checkpoint)
+    if plan.slo is not None:
+        flags += ["--morph-ttft-slo", f"{plan.slo.ttft_s:.6f}"]
+    flags += ["--morph-quant-method", args.quant_method, "--morph-group-size", str(args.group_size)]
+    if args.profile:
+        flags += ["--morph-profile", args.profile]
+    flags += args.server_arg
+    log = plan.out_dir / system / f"server-rep{rep}.log"
+    where = f"port {args.port}" if args.port else "a free port"
+    console.print(f"[bold]starting {system}[/] (rep {rep}) on {where}; log {log}")
+    return start_server(plan.model_path, args.port, flags, log)
+
+
+def calibrate(plan: Plan, server: Server) -> Slo:
+    """SLOs from the unloaded fp server (an SLO given on the command line wins)."""
+    args, requests = plan.args, plan.trace.requests
+    inp = int(statistics.median(r.input_tokens for r in requests))
+    out = max(CALIBRATION_MIN_OUTPUT, int(statistics.median(r.output_tokens for r in requests)))
+    probe = measure_unloaded(server.url, plan.vocab, inp, out, CALIBRATION_REQUESTS)
+    try:
+        ttft, tpot = asyncio.run(probe)
+    except RuntimeError as err:
+        raise _NoSlo(f"the fp server's unloaded latency could not be measured: {err}") from err
+    scale = args.slo_scale
+    how = (
+        f"{scale:g} x the fp server's unloaded median (TTFT {1000 * ttft:.1f} ms, TPOT "
+        f"{1000 * tpot:.2f} ms; {CALIBRATION_REQUESTS} sequential requests of {inp} in / {out} out "
+        "tokens)"
+    )
+    if args.slo_ttft is not None or args.slo_tpot is not None:
+        how += "; the other SLO given on the command line"
+    return Slo(args.slo_ttft or scale * ttft, args.slo_tpot or scale * tpot, how)
+
+
+def _set_slo(plan: Plan, slo: Slo) -> None:
+    """The measured SLOs, kept in the saved plan before any replay, so a resumed run judges
+    every system by the same ones."""
+    plan.slo = slo
+    run_dir.save_plan(plan.out_dir, plan_json(plan))
+    console.print(
+        f"SLO: TTFT {1000 * slo.ttft_s:.1f} ms, TPOT {1000 * slo.tpot_s:.2f} ms ({slo.how})"
+    )
+
+
+async def _replay_and_watch(replayer: Replayer, base_url: str, timeline: list[dict]) -> None:
+    t0 = time.perf_counter()
+    poller = asyncio.create_task(poll_state(base_url, t0, timeline))
+    try:
+        await replayer.run(t0)
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+
+
+def replay_system(plan: Plan, server: Server, run: SystemRun) -> None:
+    """Replay the plan's requests to ``server``, filling ``run`` as it goes (so an interrupt
+    leaves the finished part in place)."""
+    replayer = Replayer(
+        server.url,
+        plan.trace.requests,
+        plan.prompts,
+        request_timeout_s=plan.args.request_timeout,
+        label=f"{run.system} rep {run.rep}",
+    )
+    run.records = replayer.records
+    run.state_start = get_state(server.url)
+    try:
+        asyncio.run(_replay_and_watch(replayer, server.url, run.timeline))
+    finally:
+        for record in run.records:
+            if record.error is None and record.e2e_s is None:
+                record.error = "interrupted"
+    run.state_end = get_state(server.url)
+
+
+def policy_failure(state: dict | None) -> str | None:
+    """Why a morph-rl rep did not measure the RL policy, from ``/morph/state`` after its replay;
+    None when the policy decided every tick. A state that cannot be read proves nothing, so it
+    fails the rep too."""
+    if state is None:
+        return "RL policy unverified: /morph/state could not be read after the replay"
+    fallbacks = int(state.get("fallbacks") or 0)
+    if fallbacks > 0:
+        reason = state.get("fallback_reason") or "no reason given"
+        return f"RL policy fell back to the heuristic on {fallbacks} ticks: {reason}"
+    if state.get("policy_loaded") is False:
+        return "RL policy not loaded: the heuristic decided"
+    return None
+
+
+def _measure_slo(plan: Plan) -> None:
+    """An fp server only to measure the SLOs, when fp is not replayed first."""
+    try:
+        server = launch(plan, "fp", 0)
+    except ServerError as err:
+        raise _NoSlo(f"the fp server needed to measure the SLOs did not start: {err}") from err
+    try:
+        _set_slo(plan, calibrate(plan, server))
+    finally:
+        stop_server(server)
+
+
+def _start_failure(err: ServerError) -> str:
+    """One line for the report: the error's headline and the log's last line, which is where
+    the launcher states why it stopped."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reason = f"server failed to start: {lines[0].rstrip(':')}"
+    return reason + (f" (last log line: {lines[-1]})" if len(lines) > 1 else "")
+
+
+def run_one(plan: Plan, system: str, rep: int, runs: dict[str, list[SystemRun]]) -> None:
+    """Start, (calibrate,) replay and stop one system-rep, and keep it on disk once finished.
+
+    The run joins ``runs`` before its replay, so an interrupt still reports its finished
+    requests. A server that fails to start raises _Skipped, or _NoSlo when the SLOs still had
+    to be measured on it (only ever fp's first rep, which then runs first).
+    """
+    try:
+        server = launch(plan, system, rep)
+    except ServerError as err:
+        if plan.slo is None:
+            raise _NoSlo(f"the fp server needed to measure the SLOs did not start: {err}") from err
+        console.print(f"[red]{system}: {err}[/]")
+        raise _Skipped({"system": system, "rep": rep, "reason": _start_failure(err)}) from err
+    try:
+        if plan.slo is None:
+            _set_slo(plan, calibrate(plan, server))
+        run = SystemRun(system, rep)
+        runs[system].append(run)
+        replay_system(plan, server, run)
+        if system == "morph-rl":
+            run.failure = policy_failure(run.state_end)
+        run_dir.save_run(plan.out_dir, run)
+        if run.failure:
+            console.print(f"[red]{system} rep {rep} failed: {run.failure}[/]")
+    finally:
+        stop_server(server)
+
+
+def _order(plan: Plan, needs_calibration: bool) -> list[str]:
+    """The systems in the order each rep runs them: fp first when the SLOs are measured (also
+    in a resumed run that has them already, so its summary lists systems as the first did)."""
+    systems = list(plan.systems)
+    if needs_calibration and "fp" in systems:
+        systems.remove("fp")
+        systems.insert(0, "fp")
+    return systems
+
+
+def _run_all(
+    plan: Plan,
+    finished: dict[tuple[str, int], SystemRun],
+    runs: dict[str, list[SystemRun]],
+    failures: list[dict],
+    notes: list[str],
+) -> None:
+    """Every system-rep not in ``finished``, in order; the summary is rewritten after each."""
+    if plan.slo is None and ("fp" not in runs or ("fp", 0) in finished):
+        _measure_slo(plan)
+    for rep in range(plan.args.reps):
+        for system in runs:
+            if (system, rep) in finished:
+                runs[system].append(finished[(system, rep)])
+                continue
+            try:
+                run_one(plan, system, rep, runs)
+            except _Skipped as skipped:
+                failures.append(skipped.entry)
+                continue
+            summary = build_summary(plan, runs, False, notes=notes, failures=failures)
+            write_outputs(plan, summary, runs, figures=False)
+
+
+def execute(plan: Plan) -> int:
+    """Run every system-rep the run directory does not hold yet; always writes what it has,
+    even on Ctrl-C. Returns the exit status: 0, 1 when a system-rep failed or nothing could be
+    judged, 130 when interrupted."""
+    run_dir.save_plan(plan.out_dir, plan_json(plan))
+    finished = run_dir.finished_runs(plan.out_dir, plan.systems, plan.args.reps)
+    measured = plan.args.slo_ttft is None or plan.args.slo_tpot is None
+    runs: dict[str, list[SystemRun]] = {s: [] for s in _order(plan, measured)}
+    failures: list[dict] = []
+    notes: list[str] = []
+    if finished:
+        reloaded = ", ".join(f"{s} rep {r}" for s, r in sorted(finished, key=lambda k: k[::-1]))
+        notes.append(f"resumed: {reloaded} reloaded from the interrupted run")
+    status = 0
+    interrupted = False
+    try:
+        _run_all(plan, finished, runs, failures, notes)
+    except _NoSlo as err:
+        notes.append(str(err).split("\n")[0])
+        console.print(f"[red]cannot measure the SLOs: {err}[/]")
+        status = 1
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("[yellow]interrupted: writing what has finished[/]")
+    summary = finish(plan, runs, failures, notes, interrupted)
+    if summary["slo"] is not None:
+        report.print_table(summary, Console())
+    console.print(f"results in {plan.out_dir}")
+    if interrupted:
+        return 130
+    return 1 if status or summary["failures"] else 0

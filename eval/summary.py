@@ -1,0 +1,226 @@
+"""From finished system-reps to summary.json, report.md and figures.
+
+Latency and SLO fields are pooled over a system's reps (each rep is also reported on its own);
+quality is token-weighted over the layer configurations a system actually served, each
+configuration evaluated once per run. A system-rep that failed (its server did not start, or an
+RL policy that fell back to the heuristic) is listed with its reason, so no figure is read as
+what it is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from eval import metrics, report
+from eval.metrics import FormatKey, Slo
+from eval.plan import Plan
+from eval.run_dir import SystemRun
+
+
+def _evaluate(plan: Plan, key: FormatKey, cache: dict, notes: list[str]) -> dict | None:
+    """Quality of one layer-format configuration, computed once per run (lazy import: the
+    quality evaluation pulls in torch and transformers)."""
+    if key in cache:
+        return cache[key]
+    try:
+        from eval.quality_eval import evaluate_formats
+
+        value = dict(
+            evaluate_formats(
+                plan.model_path,
+                dict(key),
+                group_size=plan.args.group_size,
+                quant_method=plan.args.quant_method,
+                profile=plan.profile,
+            )
+        )
+        if not key:
+            value["kl"] = 0.0
+    except Exception as err:  # quality is reported as missing, the latency results still stand
+        notes.append(f"quality of {dict(key) or 'fp'} not computed: {type(err).__name__}: {err}")
+        value = None
+    cache[key] = value
+    return value
+
+
+def nominal_key(plan: Plan, system: str) -> FormatKey | None:
+    """The configuration a system is meant to run (used when no timeline was recorded)."""
+    if system == "fp":
+        return ()
+    if system.startswith("static-"):
+        fmt = system.split("-", 1)[1]
+        return tuple((i, fmt) for i in range(plan.num_layers))
+    return None
+
+
+def system_quality(
+    plan: Plan, system: str, runs: Sequence[SystemRun], cache: dict, notes: list[str]
+) -> tuple[float | None, float | None, float | None]:
+    """(ppl, kl, mean quantized layers) weighted by the tokens each configuration produced."""
+    weights: dict[FormatKey, float] = {}
+    for run in runs:
+        for key, w in metrics.token_weights(run.records, run.timeline).items():
+            weights[key] = weights.get(key, 0.0) + w
+    if not weights:
+        key = nominal_key(plan, system)
+        if key is None:
+            notes.append(f"{system}: no /morph/state timeline, so no token-weighted quality")
+            return None, None, None
+        weights = {key: 1.0}
+    quality = {k: v for k in weights if (v := _evaluate(plan, k, cache, notes)) is not None}
+    ppl, kl = metrics.weighted_quality(weights, quality)
+    return ppl, kl, metrics.mean_quantized_layers(weights)
+
+
+def _counter(run: SystemRun, key: str) -> int | None:
+    """How much a ``/morph/state`` counter grew over the replay."""
+    if not run.state_end or run.state_end.get(key) is None:
+        return None
+    before = (run.state_start or {}).get(key) or 0
+    return int(run.state_end[key]) - int(before)
+
+
+def _final_state(run: SystemRun) -> dict:
+    return run.state_end or run.state_start or {}
+
+
+def _policy_loaded(runs: Sequence[SystemRun]) -> bool | None:
+    """Whether every rep's server loaded its RL policy (None when no server said)."""
+    known = [v for run in runs if (v := _final_state(run).get("policy_loaded")) is not None]
+    return all(known) if known else None
+
+
+def _total(values: Sequence[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _rep_row(run: SystemRun, slo: Slo) -> dict:
+    state = _final_state(run)
+    return {
+        "rep": run.rep,
+        **metrics.summarize(run.records, slo),
+        "failure": run.failure,
+        "fallbacks": state.get("fallbacks"),
+        "policy_loaded": state.get("policy_loaded"),
+    }
+
+
+def _system_row(runs: Sequence[SystemRun], slo: Slo, quality: tuple) -> dict:
+    """One system's summary.json entry, pooled over its reps."""
+    row = metrics.summarize([r for run in runs for r in run.records], slo)
+    ppl, kl, mean_k = quality
+    start = runs[0].state_start or {}
+    row.update(
+        quality_ppl=ppl,
+        quality_kl=kl,
+        mean_quantized_layers=mean_k,
+        transitions=_total([_counter(run, "transitions") for run in runs]),
+        fallbacks=_total([_final_state(run).get("fallbacks") for run in runs]),
+        policy_loaded=_policy_loaded(runs),
+        failures=[{"rep": run.rep, "reason": run.failure} for run in runs if run.failure],
+        kv_capacity_tokens_at_start=start.get("kv_capacity_tokens"),
+        quantized_layers_at_start=start.get("quantized_layers"),
+        per_rep=[_rep_row(run, slo) for run in runs],
+    )
+    return row
+
+
+def _failures(runs: dict[str, list[SystemRun]], start_failures: Sequence[dict]) -> list[dict]:
+    """Every failed system-rep with its reason, in the order they ran."""
+    failed = [
+        {"system": system, "rep": run.rep, "reason": run.failure}
+        for system, system_runs in runs.items()
+        for run in system_runs
+        if run.failure
+    ]
+    order = list(runs)
+    return sorted([*failed, *start_failures], key=lambda f: (f["rep"], order.index(f["system"])))
+
+
+def build_summary(
+    plan: Plan,
+    runs: dict[str, list[SystemRun]],
+    interrupted: bool,
+    quality: dict[str, tuple] | None = None,
+    notes: Sequence[str] = (),
+    failures: Sequence[dict] = (),
+) -> dict:
+    """summary.json's content from whatever has run so far; ``failures`` are the system-reps
+    whose server did not start (the others' failures come with their runs)."""
+    trace, slo = plan.trace, plan.slo
+    summary: dict = {
+        "trace": {
+            "name": trace.name,
+            "source": trace.meta.get("source"),
+            "window": trace.meta.get("window"),
+            "time_scale": trace.meta.get("time_scale"),
+            "length_mapping": trace.meta.get("length_mapping"),
+            "requests": len(trace.requests),
+            "duration_s": trace.duration_s,
+        },
+        "budget": {"bytes": plan.budget_bytes, "how": plan.budget_how},
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "how": slo.how} if slo else None,
+        "reps": plan.args.reps,
+        "interrupted": interrupted,
+        "systems": {},
+        "failures": _failures(runs, failures),
+        "notes": list(notes),
+    }
+    if slo is None:
+        return summary
+    for system, system_runs in runs.items():
+        if any(run.records for run in system_runs):
+            no_quality = (None, None, None)
+            row = _system_row(system_runs, slo, (quality or {}).get(system, no_quality))
+            summary["systems"][system] = row
+    return summary
+
+
+def write_outputs(
+    plan: Plan, summary: dict, runs: dict[str, list[SystemRun]], figures: bool
+) -> None:
+    """Per-system records and timelines, summary.json, report.md, and (at the end) figures."""
+    out = plan.out_dir
+    for system, system_runs in runs.items():
+        report.write_records(
+            out / system / "requests.jsonl",
+            [{**r.to_json(), "rep": run.rep} for run in system_runs for r in run.records],
+        )
+        report.write_records(
+            out / system / "timeline.jsonl",
+            [{**row, "rep": run.rep} for run in system_runs for row in run.timeline],
+        )
+        if figures and system_runs and system_runs[0].timeline:
+            first = system_runs[0]
+            title = f"{system} (rep {first.rep})"
+            path = out / system / "timeline.png"
+            report.plot_timeline(path, title, first.records, first.timeline)
+    if figures:
+        pooled = {s: [r for run in rs for r in run.records] for s, rs in runs.items()}
+        if any(pooled.values()):
+            slo = summary.get("slo") or {}
+            report.plot_ttft_cdf(out / "ttft_cdf.png", pooled, slo.get("ttft_s"))
+    report.write_summary(out, summary)
+
+
+def finish(
+    plan: Plan,
+    runs: dict[str, list[SystemRun]],
+    failures: Sequence[dict],
+    notes: list[str],
+    interrupted: bool,
+) -> dict:
+    """The final summary: each system's quality (skipped when interrupted), then every output
+    with its figures. Returns the summary written."""
+    quality: dict[str, tuple] = {}
+    if interrupted:
+        notes.append("interrupted: quality was not computed")
+    else:
+        cache: dict = {}
+        for system, system_runs in runs.items():
+            if system_runs:
+                quality[system] = system_quality(plan, system, system_runs, cache, notes)
+    summary = build_summary(plan, runs, interrupted, quality, notes, failures)
+    write_outputs(plan, summary, runs, figures=True)
+    return summary
