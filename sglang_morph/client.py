@@ -11,10 +11,7 @@ from collections.abc import Callable, Sequence
 
 import requests
 
-STATE_PATH = "/morph/state"
-SWAP_PATH = "/morph/swap"
-KV_PATH = "/morph/kv"
-ITERATIONS_PATH = "/morph/iterations"
+from sglang_morph.config import ITERATIONS_ROUTE, KV_ROUTE, STATE_ROUTE, SWAP_ROUTE
 
 
 class MorphRequestError(RuntimeError):
@@ -45,7 +42,7 @@ class MorphClient:
     def state(self, timeout_s: float = 30.0) -> dict:
         """``GET /morph/state``; raises ``requests.RequestException`` when it cannot be read (no
         server, or no morph runtime: 404/503)."""
-        r = self.get(STATE_PATH, timeout_s=timeout_s)
+        r = self.get(STATE_ROUTE, timeout_s=timeout_s)
         r.raise_for_status()
         return r.json()
 
@@ -58,7 +55,7 @@ class MorphClient:
 
     def iterations(self, limit: int = 100_000, timeout_s: float = 60.0) -> list[dict]:
         """``GET /morph/iterations``: up to ``limit`` of the newest scheduler-iteration records."""
-        r = self.get(ITERATIONS_PATH, params={"limit": limit}, timeout_s=timeout_s)
+        r = self.get(ITERATIONS_ROUTE, params={"limit": limit}, timeout_s=timeout_s)
         r.raise_for_status()
         return r.json()
 
@@ -67,11 +64,11 @@ class MorphClient:
     def swap(self, layers: Sequence[int], fmt: str, timeout_s: float = 60.0) -> dict:
         """``POST /morph/swap``: move ``layers`` to ``fmt`` (manual policy); returns the state
         after the command, MorphRequestError with the server's reason when refused."""
-        return self._command(SWAP_PATH, {"layers": list(layers), "format": fmt}, timeout_s)
+        return self._command(SWAP_ROUTE, {"layers": list(layers), "format": fmt}, timeout_s)
 
     def set_kv_limit(self, tokens: int, timeout_s: float = 60.0) -> dict:
         """``POST /morph/kv``: an operator KV limit in tokens (0 lifts it)."""
-        return self._command(KV_PATH, {"tokens": tokens}, timeout_s)
+        return self._command(KV_ROUTE, {"tokens": tokens}, timeout_s)
 
     def _command(self, path: str, body: dict, timeout_s: float) -> dict:
         r = self.post(path, body, timeout_s=timeout_s)
@@ -119,7 +116,7 @@ class MorphClient:
             while True:
                 started = time.perf_counter()
                 try:
-                    async with session.get(self.base_url + STATE_PATH) as resp:
+                    async with session.get(self.base_url + STATE_ROUTE) as resp:
                         if resp.status == 200:
                             on_state(await resp.json())
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):

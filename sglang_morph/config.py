@@ -21,6 +21,12 @@ GROUP_SIZES = (32, 64, 128)
 QUANT_METHODS = ("rtn", "awq")
 FORMAT_BITS = {"fp": 16, "int8": 8, "int4": 4}
 """Formats as numbers: SGLang's set_internal_state channel carries numeric values only."""
+STATE_ROUTE = "/morph/state"
+SWAP_ROUTE = "/morph/swap"
+KV_ROUTE = "/morph/kv"
+ITERATIONS_ROUTE = "/morph/iterations"
+"""The server's ``/morph/*`` routes: defined here once, served by ``http_api`` and called by
+``client``."""
 SWAP_KEY_PREFIX = "morph.layer."
 KV_KEY = "morph.kv_tokens"
 
@@ -79,6 +85,10 @@ class MorphConfig:
             raise ValueError("--morph-memory-budget must be positive")
         if self.kv_segment_tokens <= 0:
             raise ValueError("--morph-kv-segment-tokens must be a positive number of tokens")
+        if not self.ttft_slo_s > 0:
+            raise ValueError("--morph-ttft-slo must be a positive number of seconds")
+        if not self.tick_interval_s >= 0:
+            raise ValueError("--morph-tick-interval must be 0 or more seconds")
 
     @property
     def enabled(self) -> bool:

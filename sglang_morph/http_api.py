@@ -10,7 +10,16 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.config import (
+    FORMAT_BITS,
+    ITERATIONS_ROUTE,
+    KV_KEY,
+    KV_ROUTE,
+    STATE_ROUTE,
+    SWAP_KEY_PREFIX,
+    SWAP_ROUTE,
+    MorphConfig,
+)
 from sglang_morph.iterations import read_tail
 
 
@@ -99,10 +108,10 @@ def install() -> None:
     from sglang.srt.entrypoints.http_server import app
     from sglang.srt.utils.auth import AuthLevel, auth_level
 
-    app.add_api_route("/morph/state", morph_state, methods=["GET"])
+    app.add_api_route(STATE_ROUTE, morph_state, methods=["GET"])
     app.add_api_route(
-        "/morph/swap", auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_swap), methods=["POST"]
+        SWAP_ROUTE, auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_swap), methods=["POST"]
     )
-    app.add_api_route("/morph/kv", auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_kv),
+    app.add_api_route(KV_ROUTE, auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_kv),
                       methods=["POST"])
-    app.add_api_route("/morph/iterations", morph_iterations, methods=["GET"])
+    app.add_api_route(ITERATIONS_ROUTE, morph_iterations, methods=["GET"])
