@@ -20,6 +20,9 @@ linear model fitted to either alone misses the busy time of a held-out window (t
 opposite directions), fitted to both it does not (docs/controller.md has the figures). The
 driver also records the replica the simulator must reproduce (KV capacity at each k, layer
 count) and the unloaded TTFT, a multiple of which is the TTFT SLO (``eval.run``'s default rule).
+
+Input that cannot be used (a flag's value, a file it names) exits with status 2 and one line
+before any server starts; a failure while measuring or fitting exits with status 1.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +57,19 @@ from envs.morph_env import TRAIN_FRAC, prepare_trace, split_windows
 from eval.replay import Replayer, measure_unloaded, prompt_ids, usable_token_ids
 from eval.servers import STATE_POLL_S
 from eval.traces import LengthMapping, Trace, TraceError, burstiest_window, select_window
+from sglang_morph.cli import (
+    FAILURE_STATUS,
+    UsageError,
+    exit_with,
+    output_path,
+    positive_float,
+    read_input,
+)
 from sglang_morph.client import MorphClient, MorphRequestError
 from sglang_morph.data import resolve_model
-from sglang_morph.memory import default_budget
+from sglang_morph.memory import parse_budget
 from sglang_morph.paths import DEFAULT_CALIBRATION
-from sglang_morph.server_process import Server
+from sglang_morph.server_process import Server, ServerError
 
 _NAN = float("nan")
 _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_NAN,
@@ -182,11 +193,10 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
     }
 
 
-def _launch_and_drive(budget: str | None, loads: list[Trace], seed: int) -> dict:
-    """Drive a fresh manual-policy server of the embedded model (default: evaluation's budget)."""
-    budget = budget or str(default_budget(resolve_model(None)))
+def _launch_and_drive(budget: int, loads: list[Trace], seed: int) -> dict:
+    """Drive a fresh manual-policy server of the embedded model."""
     Console(stderr=True).print(f"starting a manual-policy server with budget {budget} ...")
-    server = Server(["--morph-policy", "manual", "--morph-memory-budget", budget])
+    server = Server(["--morph-policy", "manual", "--morph-memory-budget", str(budget)])
     try:
         return drive(server.url, resolve_model(None), loads, seed)
     finally:
@@ -209,12 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the driven prompts")
     parser.add_argument("--trace", default="azure-code", help="trace whose training part drives "
                         "the engine (default: azure-code)")
-    parser.add_argument("--time-scale", type=float, default=0.25,
+    parser.add_argument("--time-scale", type=positive_float, default=0.25,
                         help="speed-up of the driving trace, as in training and eval.run "
                         "(default: 0.25)")
-    parser.add_argument("--window-s", type=float, default=60.0,
+    parser.add_argument("--window-s", type=positive_float, default=60.0,
                         help="length of the training windows, as in training (default: 60)")
-    parser.add_argument("--burst-s", type=float, default=30.0,
+    parser.add_argument("--burst-s", type=positive_float, default=30.0,
                         help="length of the burst slice (default: 30)")
     parser.add_argument("--out", required=True, help="calibration JSON to write")
     parser.add_argument("--samples-out", help="also save the samples (default with --launch or "
@@ -229,18 +239,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def collect_samples(args: argparse.Namespace) -> tuple[Any, str]:
-    """The samples (decoded JSON) from the source the flags name, and where they came from."""
+@dataclass(frozen=True)
+class Inputs:
+    """What the flags name, read before any server starts."""
+
+    samples: Any | None
+    """The decoded ``--samples`` file, or None when the samples are to be measured."""
+    loads: list[Trace] | None
+    """What the drive replays (``--launch``, ``--drive``)."""
+    budget: int | None
+    """The memory budget of ``--launch``'s server."""
+    fallback: IterationModel
+    out: Path
+    samples_out: Path | None
+
+
+def check_inputs(args: argparse.Namespace) -> Inputs:
+    """Every file and value the flags name, checked before any server starts or any sample is
+    taken; UsageError naming the option that cannot be used."""
+    if args.drive and not args.server:
+        raise UsageError("--drive drives the server given with --server URL (--launch always "
+                         "drives the server it starts)")
+    fallback = read_input("--base", lambda: fallback_model(args))
+    samples = None
     if args.samples:
-        return json.loads(Path(args.samples).read_text()), f"samples file: {args.samples}"
+        samples = read_input("--samples", lambda: _read_samples(Path(args.samples)))
+    loads = budget = None
+    if args.launch or args.drive:
+        loads = read_input("--trace", lambda: drive_loads(
+            prepare_trace(args.trace, LengthMapping(), args.time_scale), args.window_s,
+            args.burst_s))
+    if args.launch:
+        budget = read_input("--budget", lambda: parse_budget(args.budget, resolve_model(None)))
+    samples_out = args.samples_out
+    if samples_out is None and (args.launch or args.drive):
+        samples_out = str(Path(args.out).with_suffix("")) + "-samples.json"
+    return Inputs(
+        samples, loads, budget, fallback, output_path("--out", args.out),
+        output_path("--samples-out", samples_out) if samples_out else None,
+    )
+
+
+def _read_samples(path: Path) -> Any:
+    """A samples file's decoded JSON, checked to hold usable samples."""
+    raw = json.loads(path.read_text())
+    parse_samples(raw)
+    return raw
+
+
+def collect_samples(args: argparse.Namespace, inputs: Inputs) -> tuple[Any, str]:
+    """The samples (decoded JSON) from the source the flags name, and where they came from."""
+    if inputs.samples is not None:
+        return inputs.samples, f"samples file: {args.samples}"
     url = args.server.rstrip("/") if args.server else None
     if url is not None and not args.drive:
         return _iterations(url), f"measured: {url}/morph/iterations"
-    trace = prepare_trace(args.trace, LengthMapping(), args.time_scale)
-    loads = drive_loads(trace, args.window_s, args.burst_s)
+    assert inputs.loads is not None
     if url is None:
-        return _launch_and_drive(args.budget, loads, args.seed), "measured: --launch"
-    return drive(url, resolve_model(None), loads, args.seed), f"measured: {url}"
+        assert inputs.budget is not None
+        return _launch_and_drive(inputs.budget, inputs.loads, args.seed), "measured: --launch"
+    return drive(url, resolve_model(None), inputs.loads, args.seed), f"measured: {url}"
 
 
 def save_samples(raw: Any, path: Path) -> str:
@@ -266,7 +324,7 @@ def fit(
     raw: Any, fallback: IterationModel, source: str
 ) -> tuple[IterationModel, dict, dict | None]:
     """The fitted model, its report and the measured replica (None in a plain sample list);
-    CalibrationError if a coefficient is left unknown."""
+    UsageError if a coefficient is left unknown (a flag or ``--base`` must give it)."""
     samples, swaps = parse_samples(raw)
     replica = raw.get("replica") if isinstance(raw, dict) else None
     unloaded = ((int(replica["unloaded_prefill_tokens"]), float(replica["unloaded_ttft_s"]))
@@ -274,7 +332,7 @@ def fit(
     model, report = fit_iteration_model(samples, fallback, swaps, source, unloaded)
     unknown = [n for n in report["from_fallback"] if math.isnan(getattr(model, n))]
     if unknown:
-        raise CalibrationError(
+        raise UsageError(
             f"the samples cannot identify {', '.join(unknown)}; give them with flags or --base"
         )
     if isinstance(raw, dict) and "note" in raw:
@@ -301,17 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     """Obtain samples, fit, print the coefficients and the fit report, write ``--out``."""
     args = build_parser().parse_args(argv)
     try:
-        raw, where = collect_samples(args)
-        if args.launch or args.drive or args.samples_out:
-            default = str(Path(args.out).with_suffix("")) + "-samples.json"
-            where += save_samples(raw, Path(args.samples_out or default))
-        model, report, replica = fit(raw, fallback_model(args), args.source or where)
-    except (CalibrationError, TraceError, OSError, ValueError, requests.RequestException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    save_calibration(model, report, args.out, replica)
+        inputs = check_inputs(args)
+    except UsageError as err:
+        exit_with(err)
+    try:
+        raw, where = collect_samples(args, inputs)
+        if inputs.samples_out is not None:
+            where += save_samples(raw, inputs.samples_out)
+        model, report, replica = fit(raw, inputs.fallback, args.source or where)
+    except UsageError as err:
+        exit_with(err)
+    except (CalibrationError, TraceError, OSError, ValueError, requests.RequestException,
+            ServerError) as err:
+        exit_with(err, FAILURE_STATUS)
+    save_calibration(model, report, inputs.out, replica)
     print_fit(model, report, replica)
-    print(f"wrote {args.out}")
+    print(f"wrote {inputs.out}")
     return 0
 
 

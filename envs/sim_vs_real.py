@@ -5,7 +5,8 @@ means. This replays the same held-out window (a checkpoint's, by default the bus
 same controller on both backends of ``MorphEnv`` and prints P95 TTFT, SLO violations and
 layer swaps of each, and the simulator's relative error on P95 TTFT. Both runs continue past the
 window's end until every request has finished (at most ``--drain-s``), so slow requests count.
-The engine run takes the window's length in wall time plus a server start.
+The engine run takes the window's length in wall time plus a server start. Input that cannot
+be used exits with status 2 and one line before the server starts; a server that fails, with 1.
 """
 
 from __future__ import annotations
@@ -25,8 +26,17 @@ from envs.morph_env import MorphEnv, Window
 from envs.policies import POLICY_NAMES, make_policy
 from eval.traces import select_window
 from rl_controller.policy import Policy
-from rl_controller.rl_policy import read_metadata
+from rl_controller.rl_policy import CheckpointError, RLPolicy, read_metadata
+from sglang_morph.cli import (
+    FAILURE_STATUS,
+    UsageError,
+    exit_with,
+    output_path,
+    positive_float,
+    read_input,
+)
 from sglang_morph.paths import DEFAULT_CHECKPOINT
+from sglang_morph.server_process import ServerError
 
 
 @dataclass
@@ -92,6 +102,28 @@ def print_runs(runs: list[BackendRun], console: Console) -> None:
     console.print(table)
 
 
+def load_inputs(args: argparse.Namespace) -> tuple[dict, MorphEnv, int]:
+    """The checkpoint's metadata, the simulator environment it describes and the window to
+    replay; UsageError naming the option that cannot be used."""
+    try:
+        meta = read_metadata(args.checkpoint)
+        if args.policy == "rl":
+            RLPolicy.load(args.checkpoint)
+    except CheckpointError as err:
+        raise UsageError(f"--checkpoint: {err}") from err
+    sim_env = read_input("--checkpoint", lambda: env_from_metadata(meta))
+    count = len(sim_env.windows)
+    index = busiest(sim_env) if args.window_index is None else args.window_index
+    if not 0 <= index < count:
+        raise UsageError(f"--window-index {index}: the checkpoint has {count} held-out windows "
+                         f"(accepted: 0..{count - 1})")
+    if args.drain_s < 0:
+        raise UsageError(f"--drain-s {args.drain_s:g}: expected 0 or more seconds")
+    if args.out:
+        output_path("--out", args.out)
+    return meta, sim_env, index
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, replay on both backends, print the comparison (and --out JSON)."""
     parser = argparse.ArgumentParser(prog="python -m envs.sim_vs_real", description=__doc__)
@@ -102,23 +134,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out window to replay (default: the busiest)")
     parser.add_argument("--policy", default="fp", choices=POLICY_NAMES,
                         help="controller of both runs (default: fp)")
-    parser.add_argument("--tick-s", type=float, default=0.25,
+    parser.add_argument("--tick-s", type=positive_float, default=0.25,
                         help="controller tick of both runs (the engine's HTTP round trips "
                         "need more than the 50-ms training tick)")
     parser.add_argument("--drain-s", type=float, default=60.0,
                         help="longest time to keep serving after the window")
     parser.add_argument("--out", help="write both runs as JSON here")
     args = parser.parse_args(argv)
-    meta = read_metadata(args.checkpoint)
-    sim_env = env_from_metadata(meta)
-    index = busiest(sim_env) if args.window_index is None else args.window_index
+    try:
+        meta, sim_env, index = load_inputs(args)
+    except UsageError as err:
+        exit_with(err)
     window: Window = sim_env.windows[index]
     console = Console()
     console.print(f"{meta['trace']} held-out window {index} {window} (time scale "
                   f"{meta['time_scale']:g}), policy {args.policy}, tick {args.tick_s:g} s")
     runs = []
     for backend in ("simulator", "engine"):
-        env = env_from_metadata(meta, [window], backend=backend, tick_s=args.tick_s)
+        try:
+            env = env_from_metadata(meta, [window], backend=backend, tick_s=args.tick_s)
+        except ServerError as err:
+            exit_with(err, FAILURE_STATUS)
         try:
             policy = make_policy(args.policy, args.checkpoint)
             runs.append(replay(env, policy, args.drain_s, backend))

@@ -4,14 +4,16 @@ kept on disk the moment it ends.
 Systems are interleaved rep by rep so slow drift of the machine hits them alike. When the
 command line gives no SLOs they are measured on the fp server before its first replay, so fp
 goes first then. A system whose server does not start is recorded as failed and the others
-still run. A morph-rl rep whose policy fell back to the heuristic is recorded as failed too: its
-numbers would be the heuristic's under the RL policy's name.
+still run. A server that exits during its replay ends that replay at once (its requests in
+flight would otherwise each wait for the request timeout); the rep is recorded as failed with
+the exit status and the log line saying why, and the next system runs. A morph-rl rep whose policy
+fell back to the heuristic is recorded as failed too: its numbers would be the heuristic's under
+the RL policy's name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import time
 
@@ -29,6 +31,9 @@ from sglang_morph.server_process import Server, ServerError
 CALIBRATION_REQUESTS = 5
 CALIBRATION_MIN_OUTPUT = 16
 """Probe requests decode at least this many tokens, so their TPOT is not a 1-2 gap estimate."""
+
+SERVER_WATCH_S = 0.5
+"""How often a replay checks that its server's process still runs."""
 
 console = Console(stderr=True)
 
@@ -93,20 +98,51 @@ def _set_slo(plan: Plan, slo: Slo) -> None:
     )
 
 
-async def _replay_and_watch(replayer: Replayer, base_url: str, timeline: list[dict]) -> None:
+async def _server_exit(server: Server) -> int:
+    """The exit status of the server's launcher, once it has exited."""
+    while (status := server.proc.poll()) is None:
+        await asyncio.sleep(SERVER_WATCH_S)
+    return status
+
+
+async def _replay_and_watch(
+    replayer: Replayer, server: Server, timeline: list[dict]
+) -> int | None:
+    """Replay while reading /morph/state into ``timeline``; None when the replay finished, or
+    the server's exit status when it exited first (the replay is then cancelled)."""
     t0 = time.perf_counter()
-    poller = asyncio.create_task(poll_state(base_url, t0, timeline))
+    poller = asyncio.create_task(poll_state(server.url, t0, timeline))
+    replay = asyncio.create_task(replayer.run(t0))
+    watcher = asyncio.create_task(_server_exit(server))
     try:
-        await replayer.run(t0)
+        await asyncio.wait({replay, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if replay.done():
+            replay.result()  # its exception, if any
+            return None
+        return watcher.result()
     finally:
-        poller.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await poller
+        for task in (poller, replay, watcher):
+            task.cancel()
+        await asyncio.gather(poller, replay, watcher, return_exceptions=True)
+
+
+_CAUSE_WORDS = ("crashed", "error", "exception", "killed", "died")
+
+
+def _exit_cause(server: Server) -> str:
+    """Where a server that stopped says why: the last line of its log that names a crash or
+    an error (SGLang logs its own clean-up after that line), else the last line."""
+    lines = [line.strip() for line in server.tail(80).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if any(word in line.lower() for word in _CAUSE_WORDS):
+            return line
+    return lines[-1] if lines else "(empty log)"
 
 
 def replay_system(plan: Plan, server: Server, run: SystemRun) -> None:
     """Replay the plan's requests to ``server``, filling ``run`` as it goes (so an interrupt
-    leaves the finished part in place)."""
+    leaves the finished part in place). A server that exits during the replay sets
+    ``run.failure``."""
     replayer = Replayer(
         server.url,
         plan.trace.requests,
@@ -117,11 +153,16 @@ def replay_system(plan: Plan, server: Server, run: SystemRun) -> None:
     run.records = replayer.records
     run.state_start = get_state(server.url)
     try:
-        asyncio.run(_replay_and_watch(replayer, server.url, run.timeline))
+        exited = asyncio.run(_replay_and_watch(replayer, server, run.timeline))
     finally:
         for record in run.records:
             if record.error is None and record.e2e_s is None:
                 record.error = "interrupted"
+    if exited is not None:
+        run.failure = (
+            f"server exited with status {exited} during the replay: {_exit_cause(server)}"
+        )
+        return
     run.state_end = get_state(server.url)
 
 
@@ -180,7 +221,7 @@ def run_one(plan: Plan, system: str, rep: int, runs: dict[str, list[SystemRun]])
         run = SystemRun(system, rep)
         runs[system].append(run)
         replay_system(plan, server, run)
-        if system == "morph-rl":
+        if system == "morph-rl" and run.failure is None:
             run.failure = policy_failure(run.state_end)
         run_dir.save_run(plan.out_dir, run)
         if run.failure:

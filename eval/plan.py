@@ -35,6 +35,7 @@ from eval.traces import (
     scale_time,
     select_window,
 )
+from sglang_morph.cli import UsageError
 from sglang_morph.config import parse_bytes
 from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.memory import fp_kv_tokens
@@ -50,10 +51,6 @@ PATH_OPTIONS = ("data_dir", "rl_checkpoint", "profile", "out", "resume")
 RUNTIME_OPTIONS = {"port", "resume"}
 """Options a resumed run may set anew: they do not change what is measured."""
 ABSOLUTE_SLO = "absolute (--slo-ttft, --slo-tpot)"
-
-
-class UsageError(ValueError):
-    """Bad command-line input, found before any server starts."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eval.quality_eval import compare_methods, run_quality
+from sglang_morph.cli import UsageError
 from sglang_morph.config import add_quant_args
 from sglang_morph.data import resolve_model
 from sglang_morph.model_info import read_config
@@ -29,10 +30,6 @@ from sglang_morph.profile_file import ProfileError, load_profile
 
 matplotlib.use("Agg")
 _CONSOLE = Console(stderr=True)
-
-
-class UsageError(ValueError):
-    """An option the user must change, found before any computation."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -22,9 +22,10 @@ from typing import NoReturn
 from rich.console import Console
 
 from eval.execute import execute
-from eval.plan import DEMO_WINDOW, Plan, UsageError, make_plan, resume_plan
+from eval.plan import DEMO_WINDOW, Plan, make_plan, resume_plan
 from eval.servers import DEFAULT_RL_CHECKPOINT, SYSTEMS
 from eval.traces import LengthMapping, TraceError
+from sglang_morph.cli import UsageError
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS
 from sglang_morph.memory import DEFAULT_FP_KV_TOKENS
 

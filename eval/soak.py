@@ -9,6 +9,7 @@ early and the late part of the run (after a warm-up), or when any request fails.
 
 Full precision's capacity is measured first, on a ``--morph-policy off`` server under a closed
 loop of the trace's request shapes, so that "70% load" means 70% of what this machine serves.
+Input that cannot be used exits with status 2 and one line before any server starts.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rich.console import Console
 
 from eval.replay import Replayer, prompt_ids, usable_token_ids
 from eval.traces import LengthMapping, Trace, TraceError, load_trace, map_lengths, scale_time
+from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with, output_path, read_input
 from sglang_morph.data import resolve_model
 from sglang_morph.memory import default_budget
 from sglang_morph.paths import absolute
@@ -171,29 +173,28 @@ def growth(rows: list[dict], warmup: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = resolve_model(None)
-        trace = map_lengths(load_trace(args.trace), LengthMapping())
-    except (OSError, TraceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        model = read_input("the embedded model", lambda: resolve_model(None))
+        trace = read_input("--trace", lambda: map_lengths(load_trace(args.trace),
+                                                          LengthMapping()))
+        read_input("--trace-minutes", lambda: looping_load(trace, args.trace_minutes, 1.0))
+        out = output_path("--out", absolute(args.out))
+    except UsageError as err:
+        exit_with(err)
     budget = default_budget(model)
     vocab = usable_token_ids(model)
-    out = Path(absolute(args.out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    console.print(f"measuring fp capacity ({CAPACITY_PROBE_S:.0f} s closed loop) ...")
-    capacity = fp_capacity(model, budget, trace, vocab, args.seed)
-    rate = args.load * capacity
-    load = looping_load(trace, args.trace_minutes, rate)
-    console.print(f"fp capacity {capacity:.2f} req/s; soaking at {rate:.2f} req/s "
-                  f"({args.load:.0%}) for {args.minutes} min, loop period {load.period_s:.0f} s")
 
     try:
+        console.print(f"measuring fp capacity ({CAPACITY_PROBE_S:.0f} s closed loop) ...")
+        capacity = fp_capacity(model, budget, trace, vocab, args.seed)
+        rate = args.load * capacity
+        load = looping_load(trace, args.trace_minutes, rate)
+        console.print(f"fp capacity {capacity:.2f} req/s; soaking at {rate:.2f} req/s "
+                      f"({args.load:.0%}) for {args.minutes} min, loop period "
+                      f"{load.period_s:.0f} s")
         server = Server(["--model-path", model, "--morph-policy", "heuristic",
                          "--morph-memory-budget", str(budget)])
     except ServerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        exit_with(err, FAILURE_STATUS)
     rows: list[dict] = []
     failed = 0
     try:

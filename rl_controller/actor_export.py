@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from rl_controller.rl_policy import (
     forward,
     log_probs,
 )
+from sglang_morph.cli import FAILURE_STATUS, exit_with
 
 
 def probe_observations(n_random: int = 16, seed: int = 0) -> np.ndarray:
@@ -109,7 +109,8 @@ def _sb3_log_probs(policy, probes: np.ndarray) -> np.ndarray:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Export, then load the result the way the server will; one-line error on failure."""
+    """Export, then load the result the way the server will. A checkpoint that cannot be
+    exported is the user's input to change: one line and exit status 2; a write that fails, 1."""
     parser = argparse.ArgumentParser(prog="python -m rl_controller.actor_export",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="SB3 PPO checkpoint NAME.zip (NAME.json beside it)")
@@ -118,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = export_actor(args.checkpoint)
         RLPolicy.load(args.checkpoint)
     except CheckpointError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(err)
+    except OSError as err:
+        exit_with(f"cannot write the actor beside {args.checkpoint}: {err}", FAILURE_STATUS)
     print(f"wrote {out}")
 
 

@@ -15,10 +15,12 @@ from rich.table import Table
 
 from envs.calibration import IterationModel, load_calibration
 from envs.episodes import env_from_metadata, evaluate_policies, print_results
+from envs.morph_env import MorphEnv
 from envs.policies import decision_latency, standard_policies
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
-from rl_controller.rl_policy import FallbackPolicy, RLPolicy, read_metadata
+from rl_controller.rl_policy import CheckpointError, FallbackPolicy, RLPolicy, read_metadata
+from sglang_morph.cli import UsageError, exit_with, positive_float, read_input
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 DECODE_ITERATION_S = 0.006
@@ -44,6 +46,23 @@ def print_latency(
     console.print(table)
 
 
+def load_inputs(
+    args: argparse.Namespace,
+) -> tuple[dict, RLPolicy, MorphEnv, IterationModel | None]:
+    """The checkpoint's metadata and policy, the environment and the calibration; UsageError
+    naming the option whose file or value cannot be used."""
+    try:
+        meta = read_metadata(args.checkpoint)
+        rl = RLPolicy.load(args.checkpoint)
+    except CheckpointError as err:
+        raise UsageError(f"--checkpoint: {err}") from err
+    calibration = (read_input("--calibration", lambda: load_calibration(args.calibration))
+                   if args.calibration else None)
+    env = read_input("--trace", lambda: env_from_metadata(
+        meta, trace=args.trace, time_scale=args.time_scale, calibration=calibration))
+    return meta, rl, env, calibration
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, evaluate, print both tables."""
     parser = argparse.ArgumentParser(prog="python -m rl_controller.evaluate", description=__doc__)
@@ -51,14 +70,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="NAME.zip with NAME.json beside it (default: the shipped policy)")
     parser.add_argument("--trace", help="trace to replay (default: the training trace, on its "
                         "held-out windows; another trace is replayed whole)")
-    parser.add_argument("--time-scale", type=float, help="load level (default: training's)")
+    parser.add_argument("--time-scale", type=positive_float,
+                        help="load level (default: training's)")
     parser.add_argument("--calibration", help="iteration-time calibration JSON (default: the "
                         "one the checkpoint was trained with)")
     args = parser.parse_args(argv)
-    meta = read_metadata(args.checkpoint)
-    calibration = load_calibration(args.calibration) if args.calibration else None
-    env = env_from_metadata(meta, trace=args.trace, time_scale=args.time_scale,
-                            calibration=calibration)
+    try:
+        meta, rl, env, calibration = load_inputs(args)
+    except UsageError as err:
+        exit_with(err)
     console = Console()
 
     # Every policy on every window; the heuristic's snapshots are kept to time decisions on.
@@ -75,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     # Decision latency of each controller over those snapshots.
-    rl = RLPolicy.load(args.checkpoint)
     latency = decision_latency(
         {"heuristic": HeuristicPolicy(), "rl": rl, "rl+fallback": FallbackPolicy(rl)}, snapshots
     )

@@ -17,6 +17,7 @@ import json
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,17 +34,25 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm import TqdmExperimentalWarning
 
-from envs.calibration import load_calibration
+from envs.calibration import IterationModel, load_calibration
 from envs.episodes import env_from_metadata, evaluate_policies, print_results
-from envs.morph_env import TRAIN_FRAC, MorphEnv, prepare_trace, split_windows
+from envs.morph_env import TRAIN_FRAC, MorphEnv, Window, prepare_trace, split_windows
 from envs.policies import standard_policies
 from envs.reward import DEFAULT_QUALITY_TABLE, RewardWeights, load_quality_table
 from envs.simulator import ReplicaConfig
-from eval.traces import LengthMapping
+from eval.traces import LengthMapping, Trace
 from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
 from rl_controller.policy import DELTA_ACTIONS
+from sglang_morph.cli import (
+    UsageError,
+    exit_with,
+    output_path,
+    positive_float,
+    positive_int,
+    read_input,
+)
 from sglang_morph.paths import (
     DEFAULT_CALIBRATION,
     DEFAULT_CHECKPOINT,
@@ -53,24 +62,36 @@ from sglang_morph.paths import (
 from sglang_morph.profile_file import layer_order, load_profile
 
 
-def _arg(default: object, text: str) -> Any:
-    """A dataclass field carrying its --help text."""
-    return field(default=default, metadata={"help": text})
+def _arg(default: object, text: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A dataclass field carrying its --help text and its parser (default: the default's type;
+    ``positive_*`` turn a value that cannot run into a usage error, exit status 2)."""
+    return field(default=default, metadata={"help": text, "type": parse or type(default)})
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
 
 
 @dataclass
 class Args:
     trace: str = _arg("azure-code", "trace name or file (eval.traces.load_trace)")
-    timesteps: int = _arg(200_000, "controller ticks of PPO experience (after cloning)")
+    timesteps: int = _arg(200_000, "controller ticks of PPO experience (after cloning)",
+                          positive_int)
     out: str = _arg(str(DEFAULT_CHECKPOINT), "checkpoint path; .actor.npz, .json and .png go "
                     "beside it")
     seed: int = _arg(1, "seed of PPO, the networks and the window choice")
-    n_envs: int = _arg(4, "simulator environments stepped together")
-    window_s: float = _arg(60.0, "episode length: one window of the trace")
+    n_envs: int = _arg(4, "simulator environments stepped together", positive_int)
+    window_s: float = _arg(60.0, "episode length: one window of the trace", positive_float)
     time_scale: float = _arg(0.25, "trace speed-up (eval.traces.scale_time); 1 = real time, "
-                             "0.25 = the load eval.run and envs.calibrate use")
-    train_frac: float = _arg(TRAIN_FRAC, "windows inside this leading fraction of the trace train")
-    tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)")
+                             "0.25 = the load eval.run and envs.calibrate use", positive_float)
+    train_frac: float = _arg(TRAIN_FRAC, "windows inside this leading fraction of the trace train",
+                             _fraction)
+    tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)",
+                         positive_float)
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
     quality: str = _arg("", "quality-by-k JSON or eval.quality output (envs.reward); empty = "
                         "documented default")
@@ -84,13 +105,13 @@ class Args:
                                 "heuristic rather than leaving it)")
     bc_epochs: int = _arg(30, "epochs of behaviour cloning of the heuristic (0 = none)")
     bc_learning_rate: float = _arg(1e-3, "Adam step size of the cloning")
-    n_steps: int = _arg(512, "rollout ticks per environment between updates")
-    batch_size: int = _arg(256, "minibatch size")
-    n_epochs: int = _arg(10, "passes over each rollout")
+    n_steps: int = _arg(512, "rollout ticks per environment between updates", positive_int)
+    batch_size: int = _arg(256, "minibatch size", positive_int)
+    n_epochs: int = _arg(10, "passes over each rollout", positive_int)
     gamma: float = _arg(0.99, "discount: ~100-tick (5 s) horizon, enough to see a queue drain")
     gae_lambda: float = _arg(0.95, "GAE lambda")
     ent_coef: float = _arg(0.01, "entropy bonus")
-    hidden: int = _arg(64, "width of the two hidden layers (actor and critic)")
+    hidden: int = _arg(64, "width of the two hidden layers (actor and critic)", positive_int)
 
 
 PATH_ARGS = ("out", "calibration", "quality", "profile")
@@ -103,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Args):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=f.default,
+        parser.add_argument(flag, type=f.metadata["type"], default=f.default,
                             help=f"{f.metadata['help']} (default: %(default)s)")
     return Args(**vars(parser.parse_args(argv)))
 
@@ -201,33 +222,69 @@ def plot_training_curve(rows: list[dict], args: Args, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """Everything the run reads from files, loaded before any training."""
+
+    trace: Trace
+    train_windows: list[Window]
+    eval_windows: list[Window]
+    calibration: IterationModel
+    quality: tuple[float, ...]
+    replica: ReplicaConfig
+    order: list[int]
+
+
+def load_inputs(args: Args) -> Inputs:
+    """The trace, its windows, the calibration, quality table and profile; UsageError naming
+    the option whose file or value cannot be used, so training never starts on bad input."""
+    trace = read_input("--trace", lambda: prepare_trace(args.trace, LengthMapping(),
+                                                        args.time_scale))
+    train_windows, eval_windows = split_windows(trace, args.window_s, args.train_frac)
+    if not train_windows or not eval_windows:
+        raise UsageError(
+            f"--window-s {args.window_s:g} with --train-frac {args.train_frac:g} leaves "
+            f"{len(train_windows)} training and {len(eval_windows)} held-out windows in "
+            f"{trace.name} ({trace.duration_s:.0f} s at time scale {args.time_scale:g}); "
+            "both need at least one"
+        )
+    quality = (read_input("--quality", lambda: load_quality_table(args.quality))
+               if args.quality else DEFAULT_QUALITY_TABLE)
+    return Inputs(
+        trace, train_windows, eval_windows,
+        calibration=read_input("--calibration", lambda: load_calibration(args.calibration)),
+        quality=quality,
+        replica=read_input("--calibration",
+                           lambda: ReplicaConfig.from_calibration(args.calibration)),
+        order=read_input("--profile", lambda: layer_order(load_profile(args.profile))),
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Clone the heuristic, train PPO, write the checkpoint and its actor and metadata, then
-    evaluate on the held-out windows and plot the training curve."""
+    evaluate on the held-out windows and plot the training curve. Input that cannot be used
+    exits with status 2 and one line before any training."""
     args = parse_args(argv)
+    try:
+        inputs = load_inputs(args)
+        out = output_path("--out", args.out)
+    except UsageError as err:
+        exit_with(err)
     # One thread: the network is tiny, and torch's thread pool on busy cores costs more than
     # the work it splits.
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
     console = Console()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    # Environment: the trace as the model sees it, split into train / held-out windows.
     mapping = LengthMapping()
-    trace = prepare_trace(args.trace, mapping, args.time_scale)
-    train_windows, eval_windows = split_windows(trace, args.window_s, args.train_frac)
-    calibration = load_calibration(args.calibration)
-    quality = load_quality_table(args.quality) if args.quality else DEFAULT_QUALITY_TABLE
-    replica = ReplicaConfig.from_calibration(args.calibration)
+    trace, calibration, replica = inputs.trace, inputs.calibration, inputs.replica
     weights = RewardWeights(args.slo_weight, args.quality_weight, args.transition_weight)
-    order = layer_order(load_profile(args.profile))
-    console.print(f"{trace.name}: {len(train_windows)} training windows, {len(eval_windows)} "
+    console.print(f"{trace.name}: {len(inputs.train_windows)} training windows, "
+                  f"{len(inputs.eval_windows)} "
                   f"held out, time scale {args.time_scale:g}; calibration: {calibration.source}")
 
     def make_env() -> MorphEnv:
-        return MorphEnv(trace, train_windows, calibration=calibration, replica=replica,
-                        quality_table=quality, weights=weights, tick_s=args.tick_s)
+        return MorphEnv(trace, inputs.train_windows, calibration=calibration, replica=replica,
+                        quality_table=inputs.quality, weights=weights, tick_s=args.tick_s)
 
     envs = DummyVecEnv([lambda: Monitor(make_env())] * args.n_envs)
 
@@ -243,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     # and the benefit shows up only later); from the heuristic it refines timing instead.
     start = time.time()
     demo_env = make_env()
-    demos = [heuristic_demonstration(demo_env, i) for i in range(len(train_windows))]
+    demos = [heuristic_demonstration(demo_env, i) for i in range(len(inputs.train_windows))]
     warm_start = behaviour_clone(model, demos, args.bc_epochs, args.bc_learning_rate)
     console.print(f"behaviour cloning of the heuristic: {warm_start}")
 
@@ -267,14 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         "length_mapping": asdict(mapping),
         "window_s": args.window_s,
         "train_frac": args.train_frac,
-        "train_windows": train_windows,
-        "eval_windows": eval_windows,
+        "train_windows": inputs.train_windows,
+        "eval_windows": inputs.eval_windows,
         "tick_s": args.tick_s,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
         "profile": repo_relative(args.profile),
-        "layer_order": order,
-        "quality_table": list(quality),
+        "layer_order": inputs.order,
+        "quality_table": list(inputs.quality),
         "quality_source": repo_relative(args.quality) if args.quality
         else "envs.reward.DEFAULT_QUALITY_TABLE",
         "reward_weights": asdict(weights),
@@ -296,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # Held-out evaluation, in the environment rebuilt from the metadata just written.
     results = evaluate_policies(env_from_metadata(meta), standard_policies(out))
-    print_results(results, f"held-out windows ({len(eval_windows)} x {args.window_s:g} s)",
+    print_results(results, f"held-out windows ({len(inputs.eval_windows)} x {args.window_s:g} s)",
                   console)
     meta["eval"] = [r.as_dict() for r in results]
     meta["episodes"] = len(log.rows)

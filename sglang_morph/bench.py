@@ -6,6 +6,8 @@ measures in the same run:
 - the KV resize step per segment (grow and shrink);
 - KV capacity gained per layer swapped against the freed bytes / KV bytes per token.
 Prints a table and writes it as JSON (``--out``); docs/benchmarks.md records the latest figures.
+A budget or output path that cannot be used exits with status 2 and one line before the server
+starts; a server that fails exits with status 1.
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from sglang_morph.cli import (
+    FAILURE_STATUS,
+    UsageError,
+    exit_with,
+    output_path,
+    positive_int,
+    read_input,
+)
 from sglang_morph.client import MorphClient
 from sglang_morph.data import resolve_model
-from sglang_morph.memory import default_budget
-from sglang_morph.server_process import Server
+from sglang_morph.memory import parse_budget
+from sglang_morph.server_process import Server, ServerError
 
 LOAD_WORKERS = 2
 """Concurrent decode streams kept running, so stalls are measured while serving."""
@@ -130,18 +140,26 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, measure, write ``--out`` and print the table."""
     p = argparse.ArgumentParser(prog="python -m sglang_morph.bench",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--budget", type=int, default=None,
-                   help="memory budget in bytes (default: the evaluation's default budget)")
-    p.add_argument("--reps", type=int, default=3,
+    p.add_argument("--budget", default=None,
+                   help="memory budget, e.g. 2100000 or 2.1MB (default: the evaluation's "
+                   "default budget)")
+    p.add_argument("--reps", type=positive_int, default=3,
                    help="swap cycles: every layer quantized one by one, then all restored")
     p.add_argument("--out", type=Path, default=Path("runs/bench_runtime.json"),
                    help="JSON of the figures (default: runs/bench_runtime.json)")
     args = p.parse_args(argv)
-    res = run(args.budget or default_budget(resolve_model(None)), args.reps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
+    try:
+        budget = read_input("--budget", lambda: parse_budget(args.budget, resolve_model(None)))
+        out = output_path("--out", args.out)
+    except UsageError as err:
+        exit_with(err)
+    try:
+        res = run(budget, args.reps)
+    except ServerError as err:
+        exit_with(err, FAILURE_STATUS)
+    out.write_text(json.dumps(res, indent=2))
     print_table(res)
-    print(f"written: {args.out}")
+    print(f"written: {out}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
 """``python -m sglang_morph.launch_server``: SGLang's server with the morph runtime.
 
 Accepts every ``sglang.launch_server`` argument plus ``--morph-*`` options. It validates all of
-them before any process starts (bad input exits with status 2 or a one-line error), fills in the
-embedded default model and the CPU flags, turns a memory budget into KV capacity, publishes the
-morph configuration to SGLang's processes and adds the ``/morph/*`` routes.
+them before any process starts (input the user must change exits with status 2 and one line,
+``sglang_morph.cli``; another SGLang version exits with status 1), fills in the embedded default
+model and the CPU flags, turns a memory budget into KV capacity, publishes the morph
+configuration to SGLang's processes and adds the ``/morph/*`` routes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 
 from rl_controller.rl_policy import CheckpointError, RLPolicy
+from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with
 from sglang_morph.compat import MorphSetupError, check_sglang_version
 from sglang_morph.config import (
     GROUP_SIZES,
@@ -25,9 +26,10 @@ from sglang_morph.config import (
     MorphConfig,
     parse_bytes,
 )
-from sglang_morph.data import AssetNotFoundError, resolve_model
-from sglang_morph.model_info import serving_device
+from sglang_morph.data import resolve_model
+from sglang_morph.model_info import read_config, serving_device
 from sglang_morph.paths import DEFAULT_CHECKPOINT, absolute
+from sglang_morph.profile_file import ProfileError, load_profile
 
 CPU_FLAGS = {
     "--device": "cpu",
@@ -157,29 +159,50 @@ def _set(argv: list[str], flag: str, value: str) -> None:
     argv += [flag, value]
 
 
-def _check_awq_profile(cfg: MorphConfig) -> None:
-    """AWQ needs the activation scales of a profile made for the same format and group size;
-    without this check the server would quietly quantize round-to-nearest or with scales
-    fitted to another grid."""
-    if cfg.profile_path is None:
-        raise MorphSetupError(
+def _check_profile(cfg: MorphConfig) -> None:
+    """The profile must be a readable layer profile here: the scheduler reads it only after
+    the model is loaded, and would fail there with the server half started. AWQ needs the
+    activation scales of a profile made for the same format and group size; without that
+    check the server would quietly quantize round-to-nearest or with scales fitted to another
+    grid."""
+    profile = None
+    if cfg.profile_path is not None:
+        try:
+            profile = load_profile(cfg.profile_path)
+        except ProfileError as err:
+            raise UsageError(f"--morph-profile: {err}") from err
+    if cfg.quant_method != "awq":
+        return
+    if profile is None:
+        raise UsageError(
             "--morph-quant-method awq needs --morph-profile P.json from "
             "`python -m sglang_morph.profile --quant-method awq`"
         )
-    with open(cfg.profile_path) as fh:
-        try:
-            profile = json.load(fh)
-        except ValueError as err:
-            raise MorphSetupError(f"--morph-profile {cfg.profile_path}: {err}") from err
     fmt = cfg.static_format or cfg.quant_format
     made = (profile.get("quant_method"), profile.get("format"), profile.get("group_size"))
     wanted = ("awq", fmt, cfg.group_size if fmt == "int4" else made[2])
     if made != wanted or not profile.get("act_scales"):
-        raise MorphSetupError(
+        raise UsageError(
             f"--morph-profile {cfg.profile_path} was made for method/format/group size "
             f"{made[0]}/{made[1]}/{made[2]}, not awq/{fmt}/{cfg.group_size}: profile again "
             "with the server's --morph-format and --morph-group-size"
         )
+
+
+def _checked_model(model_path: str | None, data_dir: str | None) -> str:
+    """The model directory to serve, with a readable config.json (SGLang would otherwise fail
+    inside its own processes); UsageError naming the path otherwise."""
+    try:
+        model = resolve_model(model_path, data_dir)
+    except FileNotFoundError as err:  # AssetNotFoundError
+        raise UsageError(str(err)) from err
+    try:
+        read_config(model)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from err
+    except ValueError as err:
+        raise UsageError(f"{model}/config.json is not JSON: {err}") from err
+    return model
 
 
 def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
@@ -187,9 +210,9 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
 
     Paths the user gives (profile, checkpoint) are made absolute here, against the directory
     the launcher was started in: SGLang's processes may run elsewhere. Exits with status 2
-    (argparse) on an unknown ``--morph-*`` option or value, and raises CheckpointError (an RL
-    checkpoint that cannot be run) or MorphSetupError / AssetNotFoundError / ValueError with a
-    one-line message on bad input.
+    (argparse) on an unknown ``--morph-*`` option or value; raises UsageError, ValueError
+    (``MorphConfig.validate``) or CheckpointError (an RL checkpoint that cannot be run), each
+    with a one-line message, on input the user must change.
     """
     parser = morph_parser()
     known, rest = parser.parse_known_args(list(argv))
@@ -213,16 +236,13 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
         kv_segment_tokens=known.morph_kv_segment_tokens,
     )
     cfg.validate()
-    if cfg.profile_path is not None and not os.path.exists(cfg.profile_path):
-        raise MorphSetupError(f"--morph-profile file does not exist: {cfg.profile_path}")
-    if cfg.quant_method == "awq":
-        _check_awq_profile(cfg)
+    _check_profile(cfg)
     if cfg.policy == "rl":
         cfg.checkpoint_path = cfg.checkpoint_path or str(DEFAULT_CHECKPOINT)
         RLPolicy.load(cfg.checkpoint_path)  # CheckpointError says which file and why
 
     sg = list(rest)
-    model = resolve_model(_value(sg, "--model-path"), known.morph_data_dir)
+    model = _checked_model(_value(sg, "--model-path"), known.morph_data_dir)
     _set(sg, "--model-path", model)
     if not _has(sg, "--host"):
         sg += ["--host", "127.0.0.1"]
@@ -233,14 +253,20 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
                 sg += [flag, value]
         sg += [s for s in CPU_SWITCHES if not _has(sg, s)]
     if cfg.memory_budget_bytes is not None:
-        from sglang_morph.memory import plan_kv_tokens
+        from sglang_morph.memory import BudgetError, plan_kv_tokens
 
         if _has(sg, "--max-total-tokens"):
-            raise MorphSetupError(
-                "--morph-memory-budget sets the KV capacity; do not give --max-total-tokens too"
+            raise UsageError(
+                "--morph-memory-budget sets the KV capacity; give --max-total-tokens only "
+                "without it"
             )
         dtype, device = _value(sg, "--dtype") or "float32", _value(sg, "--device") or "cuda"
-        plan = plan_kv_tokens(model, cfg, dtype, device)
+        try:
+            plan = plan_kv_tokens(model, cfg, dtype, device)
+        except BudgetError as err:
+            raise UsageError(f"--morph-memory-budget {err}") from err
+        except FileNotFoundError as err:  # no safetensors weights to size the budget by
+            raise UsageError(f"--morph-memory-budget: {err}") from err
         _set(sg, "--max-total-tokens", str(plan.pool_tokens))
     return cfg, sg
 
@@ -253,13 +279,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\nSGLang's own options follow (python -m sglang.launch_server --help).")
     try:
         check_sglang_version()
+    except MorphSetupError as err:  # the installation, not the command line
+        exit_with(err, FAILURE_STATUS)
+    try:
         cfg, sg_argv = build(argv)
-    except CheckpointError as err:  # a bad --morph-checkpoint is a usage error, like argparse's
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (MorphSetupError, AssetNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    except (UsageError, ValueError, CheckpointError) as err:  # ValueError: validate, budget
+        exit_with(err)
     log = tempfile.NamedTemporaryFile(prefix="morph-iterations-", suffix=".jsonl", delete=False)
     cfg.extra["iteration_log"] = log.name
     cfg.to_env()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sglang_morph.config import MorphConfig
+from sglang_morph.config import MorphConfig, parse_bytes
 from sglang_morph.model_info import ModelInfo, context_length, read_model_info
 
 DEFAULT_FP_KV_TOKENS = 768
@@ -39,6 +39,17 @@ class BudgetError(ValueError):
     """A memory budget too small to serve the model."""
 
 
+def parse_budget(text: str | None, model_path: str) -> int:
+    """A budget typed on a command line (``2100000``, ``2MB``), checked against the model
+    before any server starts; None gives ``default_budget``. ValueError (BudgetError) with the
+    reason otherwise."""
+    if text is None:
+        return default_budget(model_path)
+    budget = parse_bytes(text)
+    check_budget(model_path, budget)
+    return budget
+
+
 @dataclass(frozen=True)
 class KVPlan:
     """What the launcher reserves for KV before SGLang starts."""
@@ -49,6 +60,23 @@ class KVPlan:
     weight_bytes: int
 
 
+def check_budget(
+    model_path: str, budget_bytes: int, dtype: str = "float32", device: str | None = None
+) -> ModelInfo:
+    """The model's sizes, once ``budget_bytes`` is known to hold its full-precision weights and
+    one full context of KV (less could not serve a request of the model's own context length);
+    BudgetError otherwise, its message starting with the budget so callers prefix their flag."""
+    info = read_model_info(model_path, dtype, device)
+    context = context_length(model_path)
+    if fp_kv_tokens(info, budget_bytes) < context:
+        need = info.weight_bytes + context * info.kv_bytes_per_token
+        raise BudgetError(
+            f"{budget_bytes} B is too small: the weights take {info.weight_bytes} B and one "
+            f"full context ({context} tokens x {info.kv_bytes_per_token} B) needs {need} B in all"
+        )
+    return info
+
+
 def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str, device: str) -> KVPlan:
     """Reserve KV for the largest capacity the budget can ever give.
 
@@ -56,18 +84,10 @@ def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str, device: str) -
     short); the runtime then limits the usable part to what the budget allows exactly.
     Without morphing (policy off) the reservation is just the full-precision capacity.
     """
-    info = read_model_info(model_path, dtype, device)
     budget = cfg.memory_budget_bytes
     assert budget is not None
+    info = check_budget(model_path, budget, dtype, device)
     fp_tokens = fp_kv_tokens(info, budget)
-    context = context_length(model_path)
-    if fp_tokens < context:
-        need = info.weight_bytes + context * info.kv_bytes_per_token
-        raise BudgetError(
-            f"--morph-memory-budget {budget} B is too small: the weights take "
-            f"{info.weight_bytes} B and one full context ({context} tokens x "
-            f"{info.kv_bytes_per_token} B) needs {need} B in all"
-        )
     if not cfg.enabled:
         return KVPlan(fp_tokens, fp_tokens, info.kv_bytes_per_token, info.weight_bytes)
     swappable = info.layer_params * info.dtype_bytes * info.num_layers

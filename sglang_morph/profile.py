@@ -16,7 +16,8 @@ format and token count (attention and norms do not depend on the format), for th
 the simulator, and with AWQ the searched input scales so the server reuses them.
 
 Calibration text defaults to stories sampled from the full-precision model itself with a fixed
-seed (see ``hf_model.sample_text``), never the evaluation text.
+seed (see ``hf_model.sample_text``), never the evaluation text. A model, calibration file or
+output path that cannot be used exits with status 2 and one line before any computation.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 
+from sglang_morph.cli import UsageError, exit_with, output_path, positive_int, read_input
 from sglang_morph.config import QUANTIZED_FORMATS, add_quant_args
 from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.hf_model import (
@@ -47,6 +49,7 @@ from sglang_morph.hf_model import (
     search_act_scales,
     tokenize_stories,
 )
+from sglang_morph.model_info import read_config
 from sglang_morph.profile_file import act_scale_lists
 from sglang_morph.quant.matmul import quantized_matmul
 from sglang_morph.quant.quantize import quantize_weight
@@ -267,6 +270,16 @@ def _greedy_order(runner: _Runner, progress: bool) -> list[dict]:
     return greedy
 
 
+def check_inputs(args: argparse.Namespace) -> Path:
+    """The output path, once the model and the calibration file are known to be readable;
+    UsageError naming the option that cannot be used."""
+    model = read_input("--model-path", lambda: resolve_model(args.model_path))
+    read_input("--model-path", lambda: read_config(model))
+    if args.calibration is not None:
+        read_input("--calibration", lambda: Path(args.calibration).read_bytes())
+    return output_path("--out", args.out)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m sglang_morph.profile", description=__doc__.split("\n\n")[0]
@@ -278,13 +291,16 @@ def main(argv: list[str] | None = None) -> None:
         help="<|endoftext|>-separated text file (default: text sampled from the model, seed 0)",
     )
     parser.add_argument(
-        "--samples", type=int, default=16, help="sampled calibration stories (no --calibration)"
+        "--samples", type=positive_int, default=16,
+        help="sampled calibration stories (no --calibration)",
     )
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     parser.add_argument("--out", required=True, help="profile JSON to write")
     args = parser.parse_args(argv)
-    if args.samples < 1:
-        parser.error("--samples must be at least 1")
+    try:
+        out = check_inputs(args)
+    except UsageError as err:
+        exit_with(err)
     profile = build_profile(
         args.model_path,
         args.format,
@@ -294,8 +310,6 @@ def main(argv: list[str] | None = None) -> None:
         samples=args.samples,
         seed=args.seed,
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(profile, indent=1) + "\n")
     for entry in profile["greedy"]:
         _CONSOLE.print(

@@ -4,6 +4,12 @@ Data flows one way each tick: scheduler state -> observation -> policy decision 
 layer formats -> swaps and KV resizes. Everything here runs at the entry of
 ``get_next_batch_to_run``, when no forward is in flight, so every in-flight request keeps its
 state across changes.
+
+Failures: a failed background preparation of a swap is dropped, counted (``prepare_failures``),
+shown in ``last_error`` and retried; a failing RL policy is replaced by the heuristic for that
+tick (``fallbacks``); any other error in a tick freezes morphing (``frozen``), and serving goes on
+in the current formats. ``SGLANG_MORPH_FAULTS`` (``sglang_morph.faults``) injects each of these
+failures; it is for the fault tests only and does nothing when unset.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from rl_controller.observation import LoadSnapshot, build_snapshot
 from rl_controller.rl_policy import RLPolicy
 from sglang_morph import scheduler_view
 from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.faults import Faults
 from sglang_morph.iterations import IterationLog
 from sglang_morph.memory import kv_tokens_for
 from sglang_morph.paths import DEFAULT_CHECKPOINT
@@ -65,6 +72,7 @@ class MorphRuntime:
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.metrics = None
+        self.faults = Faults.from_env()
         if cfg.enabled:
             self._build()
         self.desired = self.formats()
@@ -78,7 +86,7 @@ class MorphRuntime:
         from sglang_morph.swap.layer_swapper import LayerSwapper
 
         if self.cfg.policy in ("heuristic", "rl"):  # first: a bad checkpoint fails fast
-            self.controller = _make_controller(self.cfg)
+            self.controller = _make_controller(self.cfg, self.faults)
         if self.cfg.profile_path:
             from sglang_morph.profile_file import layer_order, load_profile
 
@@ -86,7 +94,7 @@ class MorphRuntime:
             self.layer_order = layer_order(self.profile)
         scales = (self.profile or {}).get("act_scales") if self.cfg.quant_method == "awq" else None
         fmts = tuple({self.cfg.quant_format, self.cfg.static_format or self.cfg.quant_format})
-        self.swapper = LayerSwapper(self.model, fmts, self.cfg.group_size, scales)
+        self.swapper = LayerSwapper(self.model, fmts, self.cfg.group_size, scales, self.faults)
         self.swappable_fp_bytes = self.swapper.device_bytes()
         if self.cfg.memory_budget_bytes is not None:
             from sglang_morph.kv.resizer import KVResizer
@@ -181,6 +189,7 @@ class MorphRuntime:
         now = time.perf_counter()
         if self.observing and now - self.last_decision_s >= self.cfg.tick_interval_s:
             self.last_decision_s = now
+            self.faults.check("tick")
             self.decide(now)
         self._settle()
         if self.metrics is not None:
@@ -250,6 +259,11 @@ class MorphRuntime:
             if have == want:
                 continue
             self.swapper.prepare(i, want)
+            failure = self.swapper.take_failure(i)
+            if failure is not None:
+                self.last_error = f"preparing layer {i} for {want} failed, retrying: {failure!r}"
+                logger.warning("sglang-morph: %s", self.last_error)
+                continue
             if not self.swapper.ready(i):
                 continue
             after = list(self.formats())
@@ -379,6 +393,7 @@ class MorphRuntime:
             "quantized_layers": sum(f != "fp" for f in formats),
             "weight_bytes": self.weight_bytes(),
             "transitions": self.transitions,
+            "prepare_failures": self.swapper.prepare_failures if self.swapper else 0,
         }
 
     def _kv_state(self) -> dict:
@@ -445,14 +460,15 @@ class MorphRuntime:
         )
 
 
-def _make_controller(cfg: MorphConfig) -> Controller:
+def _make_controller(cfg: MorphConfig, faults: Faults) -> Controller:
     """The heuristic, or the RL checkpoint with the heuristic behind it. A checkpoint that
     cannot be run raises CheckpointError: the scheduler (and so the server) does not start,
-    rather than serve another policy than the one asked for."""
+    rather than serve another policy than the one asked for. An injected policy fault hits the
+    primary policy only: the heuristic's own failure has no fallback and freezes morphing."""
     if cfg.policy == "heuristic":
-        return Controller(HeuristicPolicy())
+        return Controller(faults.wrap_policy(HeuristicPolicy()))
     path = cfg.checkpoint_path or str(DEFAULT_CHECKPOINT)
-    return Controller(RLPolicy.load(path), HeuristicPolicy(), checkpoint=path)
+    return Controller(faults.wrap_policy(RLPolicy.load(path)), HeuristicPolicy(), checkpoint=path)
 
 
 def _kv_bytes_per_token(scheduler) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sglang_morph import SGLANG_VERSION
+from sglang_morph.cli import UsageError
 from sglang_morph.compat import MorphSetupError, check_sglang_version
 from sglang_morph.config import MorphConfig, parse_bytes
 from sglang_morph.data import AssetNotFoundError, resolve
@@ -70,14 +71,14 @@ def test_awq_needs_a_matching_profile():
     """AWQ without scales, or with scales made for another grid, is refused before start-up."""
     from sglang_morph.launch_server import build
 
-    with pytest.raises(MorphSetupError, match="needs --morph-profile"):
+    with pytest.raises(UsageError, match="needs --morph-profile"):
         build(["--morph-quant-method", "awq"])
     profiles = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles"
     rtn = str(profiles / "stories260K-int4.json")
-    with pytest.raises(MorphSetupError, match="rtn/int4/32, not awq/int4/32"):
+    with pytest.raises(UsageError, match="rtn/int4/32, not awq/int4/32"):
         build(["--morph-quant-method", "awq", "--morph-profile", rtn])
     awq = str(profiles / "stories260K-int4-awq.json")
-    with pytest.raises(MorphSetupError, match="not awq/int4/64"):
+    with pytest.raises(UsageError, match="not awq/int4/64"):
         build(["--morph-quant-method", "awq", "--morph-profile", awq, "--morph-group-size", "64"])
     cfg, _ = build(["--morph-quant-method", "awq", "--morph-profile", awq])
     assert cfg.quant_method == "awq"
@@ -106,3 +107,47 @@ def test_launcher_makes_user_paths_absolute_and_loads_the_rl_checkpoint(monkeypa
         build(["--morph-policy", "rl", "--morph-checkpoint", "missing.zip"])
     cfg, _ = build(["--morph-policy", "heuristic", "--morph-checkpoint", "missing.zip"])
     assert cfg.checkpoint_path == str(tmp_path / "missing.zip")  # not read without rl
+
+
+def _launcher_usage_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    """Command lines the user must change, each with what its one error line must say."""
+    (tmp_path / "not-json.json").write_text("{")
+    (tmp_path / "empty-model").mkdir()
+    return [
+        (["--morph-memory-budget", "1000"], "--morph-memory-budget 1000 B is too small"),
+        (["--morph-memory-budget", "2MB", "--max-total-tokens", "500"],
+         "give --max-total-tokens only without it"),
+        (["--model-path", str(tmp_path / "absent")], "model path does not exist"),
+        (["--model-path", str(tmp_path / "empty-model")], "no readable config.json"),
+        (["--morph-profile", str(tmp_path / "absent.json")],
+         "--morph-profile: cannot read layer profile"),
+        (["--morph-profile", str(tmp_path / "not-json.json")], "is not JSON"),
+        (["--morph-quant-method", "awq"], "needs --morph-profile"),
+        (["--morph-policy", "heuristic", "--morph-static-format", "int4"],
+         "accepts --morph-policy off or manual"),
+        (["--morph-ttft-slo", "0"], "--morph-ttft-slo must be a positive number"),
+        (["--morph-policy", "rl", "--morph-checkpoint", str(tmp_path / "absent.zip")],
+         "does not exist"),
+    ]
+
+
+def test_launcher_usage_errors_exit_2_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Everything the user must change on the command line: status 2 and one line naming it,
+    before any process starts (a version mismatch, not the command line's fault, is 1)."""
+    from sglang_morph import launch_server
+
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")  # the launcher sets it; restored after
+    for argv, needle in _launcher_usage_cases(tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            launch_server.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
+    monkeypatch.setattr(launch_server, "check_sglang_version",
+                        lambda: check_sglang_version("0.5.22"))
+    with pytest.raises(SystemExit) as exit_info:
+        launch_server.main([])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.startswith("error: sglang-morph needs sglang==")

@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -476,6 +478,61 @@ def test_replay_streams_open_loop_and_records_errors() -> None:
     assert wall < 2
     assert timeline and timeline[0]["formats"] == {"1": "int4"}
     assert timeline[0]["kv_capacity_tokens"] == 900
+
+
+class _Hanging(BaseHTTPRequestHandler):
+    """A server whose scheduler died: requests are accepted and never answered."""
+
+    release = threading.Event()
+
+    def do_POST(self) -> None:
+        self.release.wait(30)
+
+    def do_GET(self) -> None:
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _ExitingProc:
+    """A launcher process that exits with status -9 ``after_s`` from now."""
+
+    def __init__(self, after_s: float) -> None:
+        self.exits_at = time.monotonic() + after_s
+
+    def poll(self) -> int | None:
+        return -9 if time.monotonic() >= self.exits_at else None
+
+
+def test_replay_ends_as_soon_as_its_server_exits() -> None:
+    """Not after the request timeout: the rep fails with the exit status and the log line that
+    says why (not SGLang's clean-up after it); the requests in flight fail, no more are sent."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Hanging)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    log = ("[t] Decode batch, #running-req: 2\n[t] Subprocess scheduler_0 (pid=7) crashed with "
+           "exit code -9. Triggering SIGQUIT for cleanup...\n[t] SIGQUIT received. It usually "
+           "means one child failed.\n[t] Sleeping 5 seconds before crash diagnostics to let GPU "
+           "activity settle.\n[t] kill_process_tree called\n")  # SGLang 0.5.23's, abridged
+    server = types.SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_address[1]}",
+                                   proc=_ExitingProc(0.5), tail=lambda lines=40: log)
+    requests = (TraceRequest(0.0, 5, 5), TraceRequest(0.1, 5, 5), TraceRequest(60.0, 5, 5))
+    plan = types.SimpleNamespace(trace=types.SimpleNamespace(requests=requests),
+                                 prompts=[[5] * 5] * 3,
+                                 args=types.SimpleNamespace(request_timeout=120.0))
+    run = SystemRun("fp", 0)
+    started = time.monotonic()
+    try:
+        exe.replay_system(plan, server, run)  # type: ignore[arg-type]
+    finally:
+        _Hanging.release.set()
+        httpd.shutdown()
+    assert time.monotonic() - started < 5
+    assert run.failure == ("server exited with status -9 during the replay: [t] Subprocess "
+                           "scheduler_0 (pid=7) crashed with exit code -9. Triggering SIGQUIT "
+                           "for cleanup...")
+    assert len(run.records) == 2 and not any(r.ok for r in run.records)  # the 3rd: never sent
 
 
 FAKE_LAUNCHER = """

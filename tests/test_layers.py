@@ -30,6 +30,7 @@ FLOORS: dict[str, int] = {
     "sglang_morph.model_info": GROUND,
     "sglang_morph.memory": GROUND,
     "sglang_morph.profile_file": GROUND,
+    "sglang_morph.cli": GROUND,
     # control: snapshot, clock, policies, the pure controller (numpy only)
     "rl_controller": CONTROL,
     "rl_controller.observation": CONTROL,
@@ -52,6 +53,7 @@ FLOORS: dict[str, int] = {
     "sglang_morph.swap.layer_swapper": SERVING,
     "sglang_morph.iterations": SERVING,
     "sglang_morph.timings": SERVING,
+    "sglang_morph.faults": SERVING,
     "sglang_morph.metrics": SERVING,
     "sglang_morph.scheduler_view": SERVING,
     "sglang_morph.runtime": SERVING,

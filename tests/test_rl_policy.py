@@ -151,7 +151,7 @@ def test_export_command(tmp_path: Path, checkpoint: Path, capsys) -> None:
     garbage.write_bytes(b"\0not a zip")
     with pytest.raises(SystemExit) as exit_info:
         actor_export.main([str(garbage)])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # the checkpoint given is the input to change
     assert capsys.readouterr().err.startswith("error: cannot load checkpoint")
 
 

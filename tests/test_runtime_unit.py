@@ -1,7 +1,7 @@
 """MorphRuntime's own logic without a server: a test-double scheduler and model (tests/
 sglang_doubles.py) around SGLang's real KV pool and allocator, the real layer swapper and
 quantizer. Covers settling within the budget, swaps between quantized formats, the frozen state,
-fallback accounting, the clock and the iteration log."""
+fallback accounting, injected faults, the clock and the iteration log."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.rl_policy import CheckpointError
 from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.faults import ENV_VAR, Faults
 from sglang_morph.iterations import IterationLog, previous_path, read_tail
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 from sglang_morph.runtime import MorphRuntime
@@ -178,6 +179,57 @@ def test_rl_runtime_loads_the_shipped_policy_or_refuses_to_start(make_runtime, t
     assert rt.fallbacks == 0 and rt.last_target in (0, 1)
     with pytest.raises(CheckpointError, match="does not exist"):
         make_runtime("rl", checkpoint_path=str(tmp_path / "missing.zip"))
+
+
+def test_failed_preparation_is_dropped_counted_and_retried(make_runtime, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, '{"prepare": 1}')
+    monkeypatch.setattr("sglang_morph.swap.layer_swapper.PREPARE_RETRY_S", 0.05)
+    rt = make_runtime()
+    rt.set_target_quantized(1)
+    settle(rt)  # the first preparation fails; the retry completes the swap
+    st = rt.state()
+    assert st["prepare_failures"] == 1 and st["transitions"] == 1 and st["quantized_layers"] == 1
+    assert "injected fault: prepare call 1" in st["last_error"] and not st["frozen"]
+    assert st["internal_sizes"]["swap_jobs"] == 0
+
+
+def test_injected_tick_fault_freezes_morphing(make_runtime, monkeypatch) -> None:
+    monkeypatch.setenv(ENV_VAR, '{"tick": 2}')
+    rt = make_runtime(tick_interval_s=0.0)
+    rt.loop_pass()
+    assert not rt.frozen
+    rt.loop_pass()
+    assert rt.frozen and "injected fault: tick call 2" in rt.last_error
+    rt.set_target_quantized(2)
+    rt.loop_pass()
+    assert rt.formats() == ["fp", "fp"]  # frozen: nothing moves
+
+
+@pytest.mark.parametrize("policy", ["rl", "heuristic"])
+def test_injected_policy_fault_falls_back_or_freezes(make_runtime, monkeypatch, policy) -> None:
+    """The RL policy's failure is decided by the heuristic; the heuristic has no fallback, so
+    its own failure freezes morphing like any failing tick."""
+    monkeypatch.setenv(ENV_VAR, '{"policy": 2}')
+    rt = make_runtime(policy, tick_interval_s=0.0)
+    for _ in range(3):
+        rt.loop_pass()
+    if policy == "rl":
+        assert not rt.frozen and rt.fallbacks == 1
+        assert rt.fallback_reason == "InjectedFault: injected fault: policy call 2"
+    else:
+        assert rt.frozen and "injected fault: policy call 2" in rt.last_error
+
+
+def test_fault_plans_are_checked_and_nothing_is_injected_without_one(monkeypatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    faults = Faults.from_env()
+    for step in ("prepare", "tick", "policy"):
+        faults.check(step)
+    assert faults.plan == {} and not faults.calls
+    for bad in ('{"tick": 0}', '{"commit": 1}', '[1]', '{"tick": "3"}'):
+        monkeypatch.setenv(ENV_VAR, bad)
+        with pytest.raises(ValueError, match="expected a JSON object of steps"):
+            Faults.from_env()
 
 
 def test_arrivals_and_transitions_reach_the_snapshot(make_runtime) -> None:

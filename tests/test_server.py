@@ -114,5 +114,5 @@ def test_bad_morph_values_exit_2(args, message):
 def test_missing_model_path_is_one_line_error():
     r = subprocess.run([sys.executable, "-m", "sglang_morph.launch_server", "--model-path",
                         "/nonexistent/model"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip() == "error: model path does not exist: /nonexistent/model"

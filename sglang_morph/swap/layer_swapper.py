@@ -10,23 +10,30 @@ back unchanged (bit-exact).
 Preparation (copies, packing) runs on a background thread (with a side CUDA stream on a GPU) while
 the scheduler keeps serving; the commit, which only rebinds the linears' weight tensors and
 ``quant_method``, runs at the scheduler's tick when no forward is in flight. A layer's KV cache
-is untouched, so running requests continue across swaps.
+is untouched, so running requests continue across swaps. A preparation that fails is dropped and
+counted, and the layer is prepared again a little later: one failed copy must not stop morphing.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from sglang_morph.faults import Faults
 from sglang_morph.quant.linear_method import WeightOnlyLinearMethod
 from sglang_morph.quant.quantize import QuantizedWeight, quantize_weight
 from sglang_morph.timings import Timings
 
 # The four linears of an SGLang Llama decoder layer, by attribute path.
 LINEAR_NAMES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+PREPARE_RETRY_S = 1.0
+"""Least time between a failed preparation of a layer and the next one: a failure that repeats
+(memory exhausted) must not take the worker thread and a log line on every tick."""
 
 
 def _get(module: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -71,6 +78,7 @@ class LayerSwapper:
         formats: tuple[str, ...],
         group_size: int,
         act_scales: dict | None = None,
+        faults: Faults | None = None,
     ) -> None:
         layers = model.model.layers
         self.device = next(model.parameters()).device
@@ -91,6 +99,10 @@ class LayerSwapper:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="morph-swap")
         self._stream = torch.cuda.Stream() if self.device.type == "cuda" else None
         self.jobs: dict[int, _Job] = {}
+        self.faults = faults or Faults()
+        self.prepare_failures = 0
+        self._retry_at: dict[int, float] = {}
+        """Per layer whose last preparation failed: when it may be prepared again."""
         self.stalls = Timings()
         """Per commit: seconds the scheduler waited for it (the rebinding at the tick)."""
         self.leads = Timings()
@@ -119,7 +131,8 @@ class LayerSwapper:
         return out
 
     def prepare(self, layer_id: int, fmt: str) -> None:
-        """Start preparing ``layer_id`` for ``fmt`` in the background (no-op if under way)."""
+        """Start preparing ``layer_id`` for ``fmt`` in the background (no-op if under way, or
+        within ``PREPARE_RETRY_S`` of a failed preparation of the layer)."""
         slot = self.slots[layer_id]
         job = self.jobs.get(layer_id)
         if job is not None and job.fmt == fmt:
@@ -127,9 +140,12 @@ class LayerSwapper:
         if fmt == slot.format:
             self.jobs.pop(layer_id, None)
             return
+        if time.perf_counter() < self._retry_at.get(layer_id, -math.inf):
+            return
         self.jobs[layer_id] = _Job(fmt, self._executor.submit(self._prepare, slot, fmt))
 
     def _prepare(self, slot: LayerSlot, fmt: str) -> dict:
+        self.faults.check("prepare")
         with torch.no_grad(), _stream_ctx(self._stream):
             if fmt == "fp":
                 assert slot.host_fp is not None
@@ -149,6 +165,18 @@ class LayerSwapper:
             if self._stream is not None:
                 self._stream.synchronize()
         return payload
+
+    def take_failure(self, layer_id: int) -> BaseException | None:
+        """The error of the layer's preparation if it finished by failing, else None. The
+        failed job is dropped and counted; the layer can be prepared again ``PREPARE_RETRY_S``
+        later. Nothing was changed on the layer: preparation only makes copies."""
+        job = self.jobs.get(layer_id)
+        if job is None or not job.future.done() or job.future.exception() is None:
+            return None
+        del self.jobs[layer_id]
+        self.prepare_failures += 1
+        self._retry_at[layer_id] = time.perf_counter() + PREPARE_RETRY_S
+        return job.future.exception()
 
     def ready(self, layer_id: int) -> bool:
         job = self.jobs.get(layer_id)
