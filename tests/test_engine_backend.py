@@ -69,6 +69,7 @@ def test_reset_starts_the_window_again_from_full_precision(env: MorphEnv) -> Non
     env.reset()
     run_until(env, ConstantPolicy(1), 4)
     env.reset()  # mid-window: the replay is cancelled, layers restored, server idle
-    state = env.backend.state()
-    assert state["quantized_layers"] == 0 and state["queue_len"] == 0
+    # reset returns only once the server read idle (no queue, nothing running, every layer fp)
+    # and raises otherwise; a state read now may already see the new window's first request.
+    assert env.backend.state()["quantized_layers"] == 0
     assert env.stats.ticks == 0
