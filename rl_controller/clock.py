@@ -54,6 +54,11 @@ class WindowCount:
         """Stored entries (what memory the window holds)."""
         return len(self._entries)
 
+    @property
+    def max_entries(self) -> int:
+        """The most entries the window can hold (one per ``RESOLUTION_S`` of its length)."""
+        return int(self.window_s / RESOLUTION_S) + 1
+
     def _forget(self, now: float) -> None:
         cutoff = now - self.window_s
         entries = self._entries
@@ -95,6 +100,11 @@ class LoadClock:
     def entries(self) -> dict[str, int]:
         """Stored entries per signal (what memory the clock holds), for growth checks."""
         return {"arrivals": self._arrivals.entries(), "transitions": self._transitions.entries()}
+
+    def max_entries(self) -> dict[str, int]:
+        """The bound of each of ``entries``."""
+        return {"arrivals": self._arrivals.max_entries,
+                "transitions": self._transitions.max_entries}
 
     def seconds_since_transition(self, now: float) -> float:
         """Seconds since the last transition (or since the clock started)."""

@@ -86,6 +86,11 @@ class IterationLog:
         return sum(p.stat().st_size for p in (Path(self.path), previous_path(self.path))
                    if p.exists())
 
+    def bytes_bound(self) -> int:
+        """The most bytes the two files can hold: each is rotated on the first record that
+        takes it past ``max_bytes``, and a record is far below 4 KiB."""
+        return 2 * (self.max_bytes + 4096)
+
     def _write(self, rec: dict) -> None:
         if self._fh is None:
             return

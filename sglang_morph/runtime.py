@@ -440,6 +440,7 @@ class MorphRuntime:
             "kv_resize_last_step_s": self.kv.last_step_s if self.kv else 0.0,
             "iteration_log_bytes": self.iterations.bytes_on_disk(),
             "internal_sizes": self._internal_sizes(),
+            "internal_bounds": self._internal_bounds(),
         }
 
     def _internal_sizes(self) -> dict:
@@ -452,6 +453,17 @@ class MorphRuntime:
                          swap_leads=len(self.swapper.leads.recent),
                          swap_jobs=len(self.swapper.jobs))
         return sizes
+
+    def _internal_bounds(self) -> dict:
+        """The bound of each of ``internal_sizes`` and of the iteration log's bytes on disk:
+        a buffer that fills up to its bound during a soak is not a leak."""
+        bounds = {**self.clock.max_entries(), "decisions": self.decisions.bound,
+                  "decode_times": self.iterations.decode.bound,
+                  "iteration_log_bytes": self.iterations.bytes_bound()}
+        if self.swapper is not None:
+            bounds.update(swap_stalls=self.swapper.stalls.bound,
+                          swap_leads=self.swapper.leads.bound, swap_jobs=self.num_layers)
+        return bounds
 
     def summary(self) -> str:
         return (

@@ -16,6 +16,11 @@ class Timings:
         self.last = 0.0
         self.max = 0.0
 
+    @property
+    def bound(self) -> int:
+        """The most durations ``recent`` holds."""
+        return self.recent.maxlen or 0
+
     def add(self, seconds: float) -> None:
         self.recent.append(seconds)
         self.last = seconds

@@ -83,8 +83,11 @@ def test_buffers_stay_bounded_without_a_controller(make_runtime) -> None:
     rt = make_runtime()
     for _ in range(50_000):
         rt.on_arrival()
-    sizes = rt.state()["internal_sizes"]
+    state = rt.state()
+    sizes, bounds = state["internal_sizes"], state["internal_bounds"]
     assert sizes["arrivals"] <= 5.0 / 0.001 + 1 and sizes["transitions"] == 0
+    assert set(bounds) == set(sizes) | {"iteration_log_bytes"}  # every buffer declares a bound
+    assert all(sizes[k] <= bounds[k] for k in sizes) and bounds["arrivals"] == 5001
 
 
 def test_quantize_grows_kv_and_restore_waits_for_the_tokens_in_use(make_runtime) -> None:

@@ -3,7 +3,7 @@ maxima so that bounded buffers read flat and steady growth does not."""
 
 from __future__ import annotations
 
-from eval.soak import growth, looping_load, minute_of_requests
+from eval.soak import growth, judge, looping_load, minute_of_requests
 from eval.traces import Trace, TraceRequest
 
 
@@ -26,3 +26,14 @@ def test_growth_flags_steady_growth_but_not_a_sawtooth() -> None:
     assert g["sched[1].rss_bytes"] > 0.05  # grows every minute: caught
     assert abs(g["iteration_log_bytes"]) < 1e-9  # fills and rotates: flat maxima
     assert g["runtime.arrivals"] == 0.0 and g["sched[1].open_fds"] == 0.0
+
+
+def test_bounded_buffers_fail_only_past_their_bound() -> None:
+    rows = [_row(100, 1000, 10 * m) for m in range(30)]  # a buffer filling toward its bound
+    for r in rows:
+        r["internal_bounds"] = {"arrivals": 400, "iteration_log_bytes": 5000}
+    assert judge(rows, warmup=5, max_growth=0.05) == {}
+    rows[-1]["internal_sizes"]["arrivals"] = 401
+    assert set(judge(rows, warmup=5, max_growth=0.05)) == {"runtime.arrivals"}
+    rows[-1]["processes"]["sched[1]"]["rss_bytes"] = 200  # unbounded memory doubling: growth
+    assert "sched[1].rss_bytes" in judge(rows, warmup=5, max_growth=0.05)
