@@ -607,6 +607,17 @@ def test_end_to_end_against_real_servers(tmp_path: Path) -> None:
     assert (out / "report.md").exists() and (out / "ttft_cdf.png").exists()
 
 
+def _harness_diagnosis(proc: subprocess.Popen, stderr_path: Path, system_dir: Path) -> str:
+    """Why the first system-rep never came: the harness's state, its stderr and its server's log."""
+    logs = sorted(system_dir.glob("server-rep*.log"))
+    server_log = logs[0].read_text(errors="replace")[-3000:] if logs else "(no server log)"
+    return (
+        f"the first system-rep never finished (harness exit {proc.poll()});\n"
+        f"harness stderr:\n{stderr_path.read_text(errors='replace')[-3000:]}\n"
+        f"server log:\n{server_log}"
+    )
+
+
 @pytest.mark.slow
 def test_resume_after_the_harness_is_killed(tmp_path: Path) -> None:
     """The harness is killed outright (SIGKILL: no cleanup of its own runs) as soon as its first
@@ -618,16 +629,18 @@ def test_resume_after_the_harness_is_killed(tmp_path: Path) -> None:
         "--slo-ttft", "1", "--slo-tpot", "0.2", "--request-timeout", "60",
     ]  # fmt: skip
     first = out / "fp" / "rep0.json"
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr_path = tmp_path / "harness.stderr"  # a file, not a pipe nobody reads while it runs
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 600
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert first.exists(), "the first system-rep never finished"
+        assert first.exists(), _harness_diagnosis(proc, stderr_path, out / "fp")
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
-        proc.communicate()
+        proc.wait()
     fp_file = first.read_bytes()
     assert not (out / "summary.json").exists() or "static-int4" not in json.loads(
         (out / "summary.json").read_text()
