@@ -36,7 +36,7 @@ from envs.reward import (
 from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import LengthMapping, Trace, load_trace, map_lengths, scale_time, select_window
 from rl_controller.observation import OBS_SIZE, LoadSnapshot, observation_vector
-from rl_controller.policy import DELTA_ACTIONS, clip_action
+from rl_controller.policy import DELTA_ACTIONS, Action, clip_action, target_layers
 from sglang_morph.paths import DEFAULT_CALIBRATION
 
 Window = tuple[float, float]
@@ -190,11 +190,13 @@ class MorphEnv(gym.Env):
         self.stats = EpisodeStats(requests=len(window.requests))
         return observation_vector(self.snapshot), {"window": self.window}
 
-    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """One tick with ``action`` (a delta index or a target, per ``action_mode``)."""
+    def step(self, action: int | Action) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """One tick with ``action`` (a delta index or a target, per ``action_mode``; in target
+        mode a policy's ``Action`` is taken as its layer target: the simulator does not model
+        the KV limit yet, so its fraction is not applied)."""
         if self.snapshot is None:
             raise RuntimeError("call reset() before step()")
-        requested = int(action)
+        requested = target_layers(action)
         if self.action_mode == "delta":
             requested = self.snapshot.quantized_layers + DELTA_ACTIONS[requested]
         target, clipped = clip_action(requested, self.snapshot)

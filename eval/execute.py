@@ -1,14 +1,19 @@
 """Running a plan: every system for every rep, one server at a time, each finished system-rep
 kept on disk the moment it ends.
 
-Systems are interleaved rep by rep so slow drift of the machine hits them alike. When the
-command line gives no SLOs they are measured on the fp server before its first replay, so fp
-goes first then. A system whose server does not start is recorded as failed and the others
-still run. A server that exits during its replay ends that replay at once (its requests in
-flight would otherwise each wait for the request timeout); the rep is recorded as failed with
-the exit status and the log line saying why, and the next system runs. A morph-rl rep whose policy
-fell back to the heuristic is recorded as failed too: its numbers would be the heuristic's under
-the RL policy's name.
+Systems are interleaved rep by rep so slow drift of the machine hits them alike. When the SLOs
+are to be measured (``--slo measure``, or no fixed entry for this model and machine) they are
+measured on the fp server before its first replay, so fp goes first then. A system whose
+server does not start is recorded as failed and the others still run. A server that exits
+during its replay ends that replay at once (its requests in flight would otherwise each wait
+for the request timeout); the rep is recorded as failed with the exit status and the log line
+saying why, and the next system runs. A morph-rl rep whose policy fell back to the heuristic is
+recorded as failed too: its numbers would be the heuristic's under the RL policy's name.
+
+``static-k`` without K runs after morph-heuristic, and in its first rep searches K: a bisection
+over 0..layers for the smallest K whose SLO-violation rate is at most morph-heuristic's in the
+same rep, each try a full replay; the found K is kept in the saved plan and used by every rep.
+Bisection assumes violations fall as K grows, which more KV capacity makes true up to noise.
 """
 
 from __future__ import annotations
@@ -19,13 +24,23 @@ import time
 
 from rich.console import Console
 
-from eval import report, run_dir
+from eval import metrics, report, run_dir
 from eval.metrics import Slo
-from eval.plan import Plan, plan_json
+from eval.plan import MEASURED_SLO_SCALE, PROFILE_FILE, Plan, plan_json
 from eval.replay import Replayer, measure_unloaded
 from eval.run_dir import SystemRun
-from eval.servers import get_state, poll_state, start_server, stop_server, system_flags
+from eval.servers import (
+    STATIC_K,
+    get_state,
+    poll_state,
+    quantize_first,
+    start_server,
+    static_k,
+    stop_server,
+    system_flags,
+)
 from eval.summary import build_summary, finish, write_outputs
+from sglang_morph.client import MorphRequestError
 from sglang_morph.server_process import Server, ServerError
 
 CALIBRATION_REQUESTS = 5
@@ -56,12 +71,14 @@ def launch(plan: Plan, system: str, rep: int) -> Server:
     args = plan.args
     flags = system_flags(system, plan.budget_bytes, args.rl_checkpoint)
     if plan.slo is not None:
-        flags += ["--morph-ttft-slo", f"{plan.slo.ttft_s:.6f}"]
+        flags += ["--morph-ttft-slo", f"{plan.slo.ttft_s:.6f}",
+                  "--morph-tpot-slo", f"{plan.slo.tpot_s:.6f}"]
     flags += ["--morph-quant-method", args.quant_method, "--morph-group-size", str(args.group_size)]
-    if args.profile:
-        flags += ["--morph-profile", args.profile]
+    if plan.profile_path:
+        flags += ["--morph-profile", plan.profile_path]
     flags += args.server_arg
-    log = plan.out_dir / system / f"server-rep{rep}.log"
+    k = f"-k{plan.static_k}" if system == STATIC_K else ""
+    log = plan.out_dir / system / f"server-rep{rep}{k}.log"
     where = f"port {args.port}" if args.port else "a free port"
     console.print(f"[bold]starting {system}[/] (rep {rep}) on {where}; log {log}")
     return start_server(plan.model_path, args.port, flags, log)
@@ -77,7 +94,7 @@ def calibrate(plan: Plan, server: Server) -> Slo:
         ttft, tpot = asyncio.run(probe)
     except RuntimeError as err:
         raise _NoSlo(f"the fp server's unloaded latency could not be measured: {err}") from err
-    scale = args.slo_scale
+    scale = args.slo_scale or MEASURED_SLO_SCALE
     how = (
         f"{scale:g} x the fp server's unloaded median (TTFT {1000 * ttft:.1f} ms, TPOT "
         f"{1000 * tpot:.2f} ms; {CALIBRATION_REQUESTS} sequential requests of {inp} in / {out} out "
@@ -105,9 +122,7 @@ async def _server_exit(server: Server) -> int:
     return status
 
 
-async def _replay_and_watch(
-    replayer: Replayer, server: Server, timeline: list[dict]
-) -> int | None:
+async def _replay_and_watch(replayer: Replayer, server: Server, timeline: list[dict]) -> int | None:
     """Replay while reading /morph/state into ``timeline``; None when the replay finished, or
     the server's exit status when it exited first (the replay is then cancelled)."""
     t0 = time.perf_counter()
@@ -159,9 +174,7 @@ def replay_system(plan: Plan, server: Server, run: SystemRun) -> None:
             if record.error is None and record.e2e_s is None:
                 record.error = "interrupted"
     if exited is not None:
-        run.failure = (
-            f"server exited with status {exited} during the replay: {_exit_cause(server)}"
-        )
+        run.failure = f"server exited with status {exited} during the replay: {_exit_cause(server)}"
         return
     run.state_end = get_state(server.url)
 
@@ -201,8 +214,22 @@ def _start_failure(err: ServerError) -> str:
     return reason + (f" (last log line: {lines[-1]})" if len(lines) > 1 else "")
 
 
-def run_one(plan: Plan, system: str, rep: int, runs: dict[str, list[SystemRun]]) -> None:
-    """Start, (calibrate,) replay and stop one system-rep, and keep it on disk once finished.
+def _quantize_static_k(plan: Plan, system: str, server: Server) -> str | None:
+    """Put a static-k server in its configuration before the replay; why it failed, or None."""
+    k = static_k(system)
+    k = plan.static_k if k is None else k
+    try:
+        quantize_first(server.url, k)
+    except (OSError, RuntimeError, MorphRequestError, KeyError) as err:
+        return f"static-k: swapping the first {k} layers to int4 failed: {err}"
+    return None
+
+
+def run_one(
+    plan: Plan, system: str, rep: int, runs: dict[str, list[SystemRun]], keep: bool = True
+) -> SystemRun:
+    """Start, (calibrate,) replay and stop one system-rep, and keep it on disk once finished
+    (unless ``keep`` is false: a try of the static-k search).
 
     The run joins ``runs`` before its replay, so an interrupt still reports its finished
     requests. A server that fails to start raises _Skipped, or _NoSlo when the SLOs still had
@@ -220,23 +247,79 @@ def run_one(plan: Plan, system: str, rep: int, runs: dict[str, list[SystemRun]])
             _set_slo(plan, calibrate(plan, server))
         run = SystemRun(system, rep)
         runs[system].append(run)
-        replay_system(plan, server, run)
+        if system.partition(":")[0] == STATIC_K:
+            run.failure = _quantize_static_k(plan, system, server)
+        if run.failure is None:
+            replay_system(plan, server, run)
         if system == "morph-rl" and run.failure is None:
             run.failure = policy_failure(run.state_end)
-        run_dir.save_run(plan.out_dir, run)
+        if keep:
+            run_dir.save_run(plan.out_dir, run)
         if run.failure:
             console.print(f"[red]{system} rep {rep} failed: {run.failure}[/]")
+        return run
     finally:
         stop_server(server)
 
 
+def _violations(plan: Plan, run: SystemRun) -> float | None:
+    if run.failure or not run.records or plan.slo is None:
+        return None
+    return metrics.summarize(run.records, plan.slo)["slo_violation_rate"]
+
+
+def search_static_k(plan: Plan, rep: int, runs: dict[str, list[SystemRun]]) -> SystemRun:
+    """Bisect for the smallest K whose violation rate is at most morph-heuristic's in rep
+    ``rep``; the try at the found K is that rep's static-k result. The K and every try go
+    into the saved plan and its notes. _Skipped when there is nothing to match."""
+    target = next((_violations(plan, r) for r in runs["morph-heuristic"] if r.rep == rep), None)
+    if target is None:
+        reason = "static-k: no valid morph-heuristic result in this rep to match"
+        raise _Skipped({"system": STATIC_K, "rep": rep, "reason": reason})
+    tries: dict[int, tuple[float | None, SystemRun]] = {}
+    lo, hi = 0, plan.num_layers
+    while lo < hi or hi not in tries:
+        k = (lo + hi) // 2 if lo < hi else hi
+        plan.static_k = k
+        try:
+            run = run_one(plan, STATIC_K, rep, {STATIC_K: []}, keep=False)
+        except BaseException:
+            plan.static_k = None  # not found: a later rep (or a resume) searches again
+            raise
+        tries[k] = (_violations(plan, run), run)
+        console.print(f"static-k search: K={k} violations {tries[k][0]} (target {target})")
+        if lo == hi:
+            break
+        rate = tries[k][0]
+        lo, hi = (lo, k) if rate is not None and rate <= target else (k + 1, hi)
+    k = hi
+    reached = tries[k][0] is not None and tries[k][0] <= target  # type: ignore[operator]
+    tried = ", ".join(
+        f"K={t}: {'-' if v is None else f'{v:.1%}'}" for t, (v, _) in sorted(tries.items())
+    )
+    plan.static_k = k
+    plan.notes.append(
+        f"static-k: K={k}, {'the smallest K' if reached else 'no K (all layers tried)'} with SLO "
+        f"violations <= morph-heuristic's {target:.1%} in rep {rep} (bisection; {tried})"
+    )
+    chosen = tries[k][1]
+    runs[STATIC_K].append(chosen)
+    run_dir.save_run(plan.out_dir, chosen)
+    run_dir.save_plan(plan.out_dir, plan_json(plan))
+    return chosen
+
+
 def _order(plan: Plan, needs_calibration: bool) -> list[str]:
     """The systems in the order each rep runs them: fp first when the SLOs are measured (also
-    in a resumed run that has them already, so its summary lists systems as the first did)."""
+    in a resumed run that has them already, so its summary lists systems as the first did);
+    a searching static-k after the morph-heuristic it matches."""
     systems = list(plan.systems)
     if needs_calibration and "fp" in systems:
         systems.remove("fp")
         systems.insert(0, "fp")
+    if STATIC_K in systems:
+        systems.remove(STATIC_K)
+        systems.insert(systems.index("morph-heuristic") + 1, STATIC_K)
     return systems
 
 
@@ -256,7 +339,10 @@ def _run_all(
                 runs[system].append(finished[(system, rep)])
                 continue
             try:
-                run_one(plan, system, rep, runs)
+                if system == STATIC_K and plan.static_k is None:
+                    search_static_k(plan, rep, runs)
+                else:
+                    run_one(plan, system, rep, runs)
             except _Skipped as skipped:
                 failures.append(skipped.entry)
                 continue
@@ -269,8 +355,10 @@ def execute(plan: Plan) -> int:
     even on Ctrl-C. Returns the exit status: 0, 1 when a system-rep failed or nothing could be
     judged, 130 when interrupted."""
     run_dir.save_plan(plan.out_dir, plan_json(plan))
+    if plan.profile_path == str(plan.out_dir / PROFILE_FILE):
+        run_dir.write_json_atomic(plan.out_dir / PROFILE_FILE, plan.profile)
     finished = run_dir.finished_runs(plan.out_dir, plan.systems, plan.args.reps)
-    measured = plan.args.slo_ttft is None or plan.args.slo_tpot is None
+    measured = plan.slo_measured or plan.slo is None
     runs: dict[str, list[SystemRun]] = {s: [] for s in _order(plan, measured)}
     failures: list[dict] = []
     notes: list[str] = []

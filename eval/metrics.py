@@ -73,7 +73,16 @@ def summarize(records: Sequence[RequestRecord], slo: Slo) -> dict:
         "throughput_tok_s": sum(r.output_tokens for r in ok) / wall if wall > 0 else None,
         "goodput_req_s": (len(records) - violations) / wall if wall > 0 else None,
         "wall_s": wall,
+        "prefix_cache_hit_rate": prefix_cache_hit_rate(ok),
     }
+
+
+def prefix_cache_hit_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Share of prompt tokens SGLang served from its prefix cache, over the records whose server
+    reported a count (None when none did: records saved before the count was kept)."""
+    known = [r for r in records if r.cached_tokens is not None]
+    prompt = sum(r.prompt_tokens for r in known)
+    return sum(r.cached_tokens or 0 for r in known) / prompt if prompt > 0 else None
 
 
 def format_key(formats: Mapping[str, str] | Mapping[int, str]) -> FormatKey:

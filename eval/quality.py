@@ -1,9 +1,10 @@
 """``python -m eval.quality``: model quality as layers are quantized, written as a report.
 
 By default: perplexity and KL to full precision for k = 0..L quantized layers under the
-``lis``, ``last_to_first`` and ``random`` orders (``eval.quality_eval.run_quality``), the JSON
-plus a plot beside it. With ``--compare-methods``: every layer quantized, per format, method and
-group size. Options the user must change exit 2 with one line before any computation.
+profile's ``lis`` and ``greedy-kl`` orders, ``last_to_first`` and ``random``, on the test part
+of the evaluation sample (``eval.quality_eval.run_quality``), the JSON plus a plot beside it.
+With ``--compare-methods``: every layer quantized, per format, method and group size. Options
+the user must change exit 2 with one line before any computation.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import matplotlib
 from rich.console import Console
 from rich.table import Table
 
-from eval.quality_eval import compare_methods, run_quality
+from eval.quality_eval import compare_methods, profile_orders, run_quality
 from sglang_morph.cli import UsageError
 from sglang_morph.config import add_quant_args
 from sglang_morph.data import resolve_model
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--text",
         default=None,
-        help="<|endoftext|>-separated evaluation text (default: the TinyStories sample)",
+        help="<|endoftext|>-separated evaluation text, used whole "
+        "(default: the test part of the TinyStories sample)",
     )
     parser.add_argument(
         "--compare-methods",
@@ -72,6 +74,10 @@ def _checked_profile(args: argparse.Namespace, model_path: str) -> dict | None:
             f"--profile {args.profile} is for {profile['num_layers']} layers; "
             f"the model has {layers}"
         )
+    try:
+        profile_orders(profile)
+    except ValueError as err:
+        raise UsageError(f"--profile {args.profile}: {err}") from err
     return profile
 
 
@@ -100,6 +106,7 @@ def _computed_profile(args: argparse.Namespace) -> dict | None:
     _CONSOLE.print("no --profile: computing one on the default calibration text")
     cmd = [sys.executable, "-m", "sglang_morph.profile", "--format", args.format]
     cmd += ["--group-size", str(args.group_size), "--quant-method", args.quant_method]
+    cmd += ["--method", "best"]
     if args.model_path is not None:
         cmd += ["--model-path", absolute(args.model_path)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +127,8 @@ def plot_quality(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, style in (("lis", "o-"), ("last_to_first", "s--"), ("random", "^:")):
+    styles = (("lis", "o-"), ("greedy-kl", "D-"), ("last_to_first", "s--"), ("random", "^:"))
+    for name, style in styles:
         curve = report["orders"][name]
         ks = range(len(curve["ppl"]))
         label = f"{name} (mean of {len(curve['seeds'])} seeds)" if name == "random" else name
@@ -144,12 +152,18 @@ def plot_quality(report: dict, path: Path) -> None:
 
 def _print_table(report: dict) -> None:
     orders = report["orders"]
-    columns = {"lis": orders["lis"], "l2f": orders["last_to_first"], "rand": orders["random"]}
+    columns = {
+        "lis": orders["lis"],
+        "gkl": orders["greedy-kl"],
+        "l2f": orders["last_to_first"],
+        "rand": orders["random"],
+    }
     if orders["random"]["all_orders"] is not None:
         columns["all"] = orders["random"]["all_orders"]
     table = Table(
-        title=f"{_config_name(report)} "
-        f"(rand: mean of {len(orders['random']['seeds'])} seeds; all: mean of all orders)"
+        title=f"{_config_name(report)} on {report['text']['source']} "
+        f"(gkl: greedy-kl; l2f: last_to_first; rand: mean of {len(orders['random']['seeds'])} "
+        f"seeds; all: mean of all orders; shipped: {report['profile']['order_method']})"
     )
     table.add_column("k")
     for metric in ("ppl", "kl"):

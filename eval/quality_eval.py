@@ -3,12 +3,14 @@
 MorphServe's claim is that swapping the least important layers first costs little quality.
 ``QualityEvaluator`` measures a model on the TinyStories sample (each story on its own, within
 the 512-token context); ``evaluate_formats`` is what the evaluation harness asks once per layer
-configuration a run served; ``run_quality`` gives the curves for k = 0..L quantized layers
-under three orders: ``lis`` (the profile's greedy order), ``last_to_first`` and ``random``
-(mean over seeds). k = 0 (nothing quantized) and k = L (everything quantized) are the same
-model in every order, so the curves meet there by construction. KL is the mean per-token
-KL(full precision || quantized) of the next-token distributions, which sees changes perplexity
-can average away.
+configuration a run served; ``run_quality`` gives the curves for k = 0..L quantized layers,
+on the sample's test part (the profiler chose the shipped order on its validation part), under
+the profile's two candidate orders ``lis`` (greedy on the final hidden state's cosine) and
+``greedy-kl`` (greedy on the output's KL), ``last_to_first`` and ``random`` (mean over seeds,
+and the exact mean over all orders). k = 0 (nothing quantized) and k = L (everything
+quantized) are the same model in every order, so the curves meet there by construction. KL is
+the mean per-token KL(full precision || quantized) of the next-token distributions, which sees
+changes perplexity can average away.
 """
 
 from __future__ import annotations
@@ -17,24 +19,25 @@ import functools
 import hashlib
 import itertools
 import json
-import math
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
 
 from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, QUANTIZED_FORMATS
-from sglang_morph.data import DEFAULT_MODEL, resolve, resolve_model
+from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.hf_model import (
     ActScales,
     HFLayerQuantizer,
+    evaluation_text,
     load_model,
     load_tokenizer,
+    next_token_logprobs,
     sample_text,
+    score_text,
     search_act_scales,
     tokenize_stories,
 )
@@ -55,41 +58,49 @@ class QualityEvaluator:
         quant_method: str = "rtn",
         profile: dict | None = None,
         text_path: str | Path | None = None,
+        part: str = "all",
     ) -> None:
-        """``text_path``: ``<|endoftext|>``-separated evaluation text (default: the TinyStories
-        sample, the model's own domain). With ``quant_method="rtn"`` a profile's AWQ scales are
-        ignored, so a comparison of the two methods can share one profile."""
+        """``text_path``: ``<|endoftext|>``-separated evaluation text, used whole (default: the
+        TinyStories sample, the model's own domain, whole or its ``part``: "validation" or
+        "test", see ``hf_model.evaluation_text``). With ``quant_method="rtn"`` a profile's AWQ
+        scales are ignored, so a comparison of the two methods can share one profile."""
         path = resolve_model(model_path)
         model = load_model(path)
-        text = resolve("tinystories") if text_path is None else text_path
-        self.text = tokenize_stories(text, load_tokenizer(path))
-        if text_path is None:  # the asset's name, not this machine's path, goes in reports
-            self.text.source = "tinystories (text/tinystories_sample.txt)"
-        self._fp_logprobs = [self._logprobs(model, seq) for seq in self.text.sequences]
+        tokenizer = load_tokenizer(path)
+        if text_path is None:
+            self.text = evaluation_text(tokenizer, part)
+        else:
+            self.text = tokenize_stories(text_path, tokenizer)
+        self._fp_logprobs = [next_token_logprobs(model, seq) for seq in self.text.sequences]
         self._awq = quant_method == "awq"
         scales = _profile_scales(profile, group_size) if self._awq else {}
         self.swapper = HFLayerQuantizer(model, group_size, scales)
         self.num_layers = self.swapper.num_layers
         self._calibration: list[torch.Tensor] | None = None
 
-    @staticmethod
-    def _logprobs(model: torch.nn.Module, seq: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(model(seq[None]).logits[0, :-1].float(), dim=-1)
-
     @torch.no_grad()
     def evaluate(self, layer_formats: dict[int, str]) -> dict[str, float]:
         """{"ppl", "kl"} with the given layers quantized (the others full precision)."""
+        self._set_formats(layer_formats)
+        try:
+            return score_text(self.swapper.model, self.text.sequences, self._fp_logprobs)
+        finally:
+            self.swapper.set_formats({})
+
+    @torch.no_grad()
+    def logprobs(self, layer_formats: dict[int, str], seq: torch.Tensor) -> torch.Tensor:
+        """``next_token_logprobs`` of any sequence with the given layers quantized: what the
+        served-quality measure reads for the configuration that served a token."""
+        self._set_formats(layer_formats)
+        try:
+            return next_token_logprobs(self.swapper.model, seq)
+        finally:
+            self.swapper.set_formats({})
+
+    def _set_formats(self, layer_formats: dict[int, str]) -> None:
         if self._awq:
             self._search_missing_scales(set(layer_formats.values()) & set(QUANTIZED_FORMATS))
         self.swapper.set_formats(layer_formats)
-        nll, kl, count = 0.0, 0.0, 0
-        for seq, fp in zip(self.text.sequences, self._fp_logprobs, strict=True):
-            logprobs = self._logprobs(self.swapper.model, seq)
-            nll -= logprobs.gather(1, seq[1:, None]).sum().item()
-            kl += (fp.exp() * (fp - logprobs)).sum().item()
-            count += len(seq) - 1
-        self.swapper.set_formats({})
-        return {"ppl": math.exp(nll / count), "kl": kl / count}
 
     def _search_missing_scales(self, formats: set[str]) -> None:
         """AWQ scales for formats the profile has none for, searched on the default
@@ -124,6 +135,19 @@ def _evaluator(
     return QualityEvaluator(model_path, group_size, quant_method, profile)
 
 
+def shared_evaluator(
+    model_path: str | None,
+    group_size: int = 32,
+    quant_method: str = "rtn",
+    profile: dict | None = None,
+) -> QualityEvaluator:
+    """The evaluator for these settings, loaded once per process: the model, reference
+    distributions and AWQ scales are reused across calls with the same model, group size,
+    method and profile."""
+    profile_json = None if profile is None else json.dumps(profile, sort_keys=True)
+    return _evaluator(resolve_model(model_path), group_size, quant_method, profile_json)
+
+
 def evaluate_formats(
     model_path: str,
     layer_formats: dict[int, str],
@@ -131,14 +155,9 @@ def evaluate_formats(
     quant_method: str = "rtn",
     profile: dict | None = None,
 ) -> dict:
-    """{"ppl", "kl"} for an arbitrary per-layer assignment ("fp", "int8" or "int4" per layer).
-
-    The loaded model, reference distributions and AWQ scales are cached across calls with the
-    same model, group size, method and profile.
-    """
-    profile_json = None if profile is None else json.dumps(profile, sort_keys=True)
-    evaluator = _evaluator(resolve_model(model_path), group_size, quant_method, profile_json)
-    return evaluator.evaluate(layer_formats)
+    """{"ppl", "kl"} for an arbitrary per-layer assignment ("fp", "int8" or "int4" per layer)
+    on the whole evaluation sample (``shared_evaluator``)."""
+    return shared_evaluator(model_path, group_size, quant_method, profile).evaluate(layer_formats)
 
 
 def _curve(
@@ -167,6 +186,33 @@ def _all_orders_mean(
     return out
 
 
+PROFILE_ORDERS = ("lis", "greedy-kl")
+"""The candidate orders every profile of ``python -m sglang_morph.profile`` carries."""
+
+
+def profile_orders(profile: dict) -> dict[str, list[int]]:
+    """The profile's candidate orders by method; ValueError naming what is missing (a profile
+    made before methods existed carries neither)."""
+    orders = profile.get("orders") or {}
+    missing = [name for name in PROFILE_ORDERS if name not in orders]
+    if missing:
+        raise ValueError(
+            f"the profile has no {', '.join(missing)} order; make it again with "
+            "`python -m sglang_morph.profile`, which records both"
+        )
+    return {name: [int(i) for i in orders[name]] for name in PROFILE_ORDERS}
+
+
+def random_orders(layers: int, seeds: int) -> list[list[int]]:
+    """One shuffled order per seed 0..seeds-1."""
+    orders = []
+    for seed in range(seeds):
+        order = list(range(layers))
+        random.Random(seed).shuffle(order)
+        orders.append(order)
+    return orders
+
+
 def run_quality(
     model_path: str | None,
     fmt: str,
@@ -176,8 +222,9 @@ def run_quality(
     seeds: int,
     text_path: str | Path | None = None,
 ) -> dict:
-    """The quality report: ppl and kl curves per order (see the module docstring)."""
-    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile, text_path)
+    """The quality report: ppl and kl curves per order (see the module docstring), on the test
+    part of the evaluation sample unless ``text_path`` names another text."""
+    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile, text_path, "test")
     layers = evaluator.num_layers
     if profile["num_layers"] != layers:
         raise ValueError(
@@ -188,20 +235,26 @@ def run_quality(
     def evaluate(quantized: frozenset[int]) -> dict[str, float]:
         return evaluator.evaluate({i: fmt for i in quantized})
 
-    lis = layer_order(profile)
-    last_to_first = list(range(layers - 1, -1, -1))
-    random_orders = []
-    for seed in range(seeds):
-        order = list(range(layers))
-        random.Random(seed).shuffle(order)
-        random_orders.append(order)
-    curves = {}
-    named = [("lis", lis), ("last_to_first", last_to_first)]
-    named += [(f"random/{s}", o) for s, o in enumerate(random_orders)]
-    for name, order in track(named, "quality curves", console=_CONSOLE):
-        curves[name] = _curve(evaluate, order)
+    named = {**profile_orders(profile), "last_to_first": list(range(layers - 1, -1, -1))}
+    shuffled = random_orders(layers, seeds)
+    jobs = [*named.items(), *((f"random/{s}", o) for s, o in enumerate(shuffled))]
+    curves = {
+        name: _curve(evaluate, order)
+        for name, order in track(jobs, "quality curves", console=_CONSOLE)
+    }
     random_ppl = [curves[f"random/{s}"][0] for s in range(seeds)]
     random_kl = [curves[f"random/{s}"][1] for s in range(seeds)]
+    orders: dict[str, dict] = {
+        name: {"order": order, "ppl": curves[name][0], "kl": curves[name][1]}
+        for name, order in named.items()
+    }
+    orders["random"] = {
+        "seeds": list(range(seeds)),
+        "orders": shuffled,
+        "ppl": [sum(col) / seeds for col in zip(*random_ppl, strict=True)],
+        "kl": [sum(col) / seeds for col in zip(*random_kl, strict=True)],
+        "all_orders": _all_orders_mean(evaluate, layers),
+    }
     return {
         "model": model_path or DEFAULT_MODEL,
         "format": fmt,
@@ -218,22 +271,11 @@ def run_quality(
             "format": profile.get("format"),
             "quant_method": profile.get("quant_method"),
             "calibration": profile.get("calibration"),
+            "method": profile.get("method"),
+            "order_method": profile.get("order_method"),
+            "layer_order": layer_order(profile),
         },
-        "orders": {
-            "lis": {"order": lis, "ppl": curves["lis"][0], "kl": curves["lis"][1]},
-            "last_to_first": {
-                "order": last_to_first,
-                "ppl": curves["last_to_first"][0],
-                "kl": curves["last_to_first"][1],
-            },
-            "random": {
-                "seeds": list(range(seeds)),
-                "orders": random_orders,
-                "ppl": [sum(col) / seeds for col in zip(*random_ppl, strict=True)],
-                "kl": [sum(col) / seeds for col in zip(*random_kl, strict=True)],
-                "all_orders": _all_orders_mean(evaluate, layers),
-            },
-        },
+        "orders": orders,
     }
 
 

@@ -48,6 +48,11 @@ class RequestRecord:
     tpot_s: float | None = None
     e2e_s: float | None = None
     error: str | None = None
+    cached_tokens: int | None = None
+    """Prompt tokens SGLang served from its prefix cache (its meta_info ``cached_tokens``);
+    None when the server did not say."""
+    output_ids: list[int] | None = None
+    """The token ids the server generated, as streamed; None when it sent none."""
 
     @property
     def ok(self) -> bool:
@@ -112,7 +117,8 @@ async def send_request(
     """Send one streamed request and fill ``record`` in place (errors are recorded, not raised).
 
     TTFT is measured from the send to the first chunk that reports a completion token; TPOT is
-    the mean gap between the remaining tokens, ``(e2e - ttft) / (tokens - 1)``.
+    the mean gap between the remaining tokens, ``(e2e - ttft) / (tokens - 1)``. The output ids
+    and SGLang's count of prefix-cached prompt tokens are kept too.
     """
     sent = time.perf_counter()
     record.sent_s = sent - t0
@@ -143,6 +149,9 @@ async def send_request(
                 if tokens > 0 and record.ttft_s is None:
                     record.ttft_s = time.perf_counter() - sent
                 record.output_tokens = max(record.output_tokens, tokens)
+                if "cached_tokens" in meta:
+                    record.cached_tokens = int(meta["cached_tokens"])
+                _add_output_ids(record, chunk.get("output_ids"), tokens)
         record.e2e_s = time.perf_counter() - sent
         if record.ttft_s is None:
             record.error = "stream ended without a token"
@@ -156,6 +165,19 @@ async def send_request(
         record.error = "interrupted"
         raise
     return record
+
+
+def _add_output_ids(record: RequestRecord, ids: list[int] | None, tokens: int) -> None:
+    """Keep a chunk's output ids. SGLang streams all ids so far by default (its last chunk is
+    the whole output) and only the new ones with ``--incremental-streaming-output``; a chunk
+    holding at least as many ids as the tokens it reports is the whole output so far, any other
+    is a delta to append."""
+    if ids is None:
+        return
+    if len(ids) >= tokens or record.output_ids is None:
+        record.output_ids = [int(i) for i in ids]
+    else:
+        record.output_ids += [int(i) for i in ids]
 
 
 class Replayer:

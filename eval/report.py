@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from eval.replay import RequestRecord
@@ -89,8 +90,10 @@ def conditions(summary: Mapping) -> list[str]:
     window = trace.get("window")
     window_text = f"{window[0]:.1f}-{window[1]:.1f} s of the source" if window else "whole trace"
     mapping = trace.get("length_mapping") or {}
+    how = f" (chosen: {trace['window_how']})" if trace.get("window_how") else ""
+    reps = summary.get("reps", 1)
     lines = [
-        f"Trace: {trace['name']} ({trace.get('source', '?')}), {window_text}, "
+        f"Trace: {trace['name']} ({trace.get('source', '?')}), {window_text}{how}, "
         f"{trace['requests']} requests over {trace.get('duration_s', 0):.1f} s replayed",
         f"Time scale: {trace['time_scale']:g}x speed-up (arrival times divided by it)",
         "Length mapping: input = clip(round(ctx / {input_div:g}), {input_min}, {input_max}), "
@@ -103,7 +106,9 @@ def conditions(summary: Mapping) -> list[str]:
         f"({slo['how']})"
         if slo
         else "SLO: not measured (no fp server ran)",
-        f"Repetitions: {summary.get('reps', 1)}",
+        f"Layer order (profile): {summary.get('profile') or 'last_to_first'}",
+        f"Repetitions: {reps}"
+        + (" (one rep: no confidence intervals)" if reps < 2 else ", means with 95% t intervals"),
     ]
     if summary.get("interrupted"):
         lines.append("INTERRUPTED: the results cover only what finished before Ctrl-C")
@@ -111,15 +116,77 @@ def conditions(summary: Mapping) -> list[str]:
 
 
 def _name(name: str, row: Mapping) -> str:
-    """A system's name in tables, marked when any of its reps failed."""
+    """A system's name in tables, with the K a searched static-k found, marked when any of its
+    reps failed."""
+    if name == "static-k" and row.get("k") is not None:
+        name = f"static-k (K={row['k']})"
     return f"{name} (FAILED)" if row.get("failures") else name
 
 
 def failure_lines(summary: Mapping) -> list[str]:
-    """One line per failed system-rep, with its reason."""
+    """One line per failed system-rep, and per rep flagged invalid, with its reason."""
     return [
         f"{f['system']} rep {f['rep']} FAILED: {f['reason']}" for f in summary.get("failures", [])
+    ] + [
+        f"{f['system']} rep {f['rep']} INVALID: {f['reason']}"
+        for f in summary.get("invalid_reps", [])
     ]
+
+
+def _interval(mean: float | None, ci: Sequence[float] | None, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    text = _cell(mean, fmt)
+    return text + (f" [{_cell(ci[0], fmt)}, {_cell(ci[1], fmt)}]" if ci else "")
+
+
+SPREAD_COLUMNS = (
+    ("slo_violation_rate", "SLO viol.", "{:.1%}"),
+    ("ttft_p95_s", "TTFT p95 ms", "ms"),
+    ("tpot_p95_s", "TPOT p95 ms", "ms"),
+    ("goodput_req_s", "goodput req/s", "{:.2f}"),
+    ("quality_kl", "KL", "{:.4f}"),
+)
+RATIO_COLUMNS = (
+    ("violation_reduction_pct", "SLO violation reduction", "{:+.1f}%"),
+    ("p95_ttft_speedup", "P95 TTFT speed-up", "{:.2f}x"),
+    ("quality_cost_vs_static_int4", "quality cost / static-int4's", "{:.2f}"),
+)
+
+
+def spread_lines(summary: Mapping) -> list[str]:
+    """Markdown tables of the mean and 95% interval over reps: per system, then each system's
+    ratios against fp taken per rep pair."""
+    lines = ["| system | valid reps | " + " | ".join(h for _, h, _ in SPREAD_COLUMNS) + " |"]
+    lines.append("|---" * (len(SPREAD_COLUMNS) + 2) + "|")
+    for name, row in summary.get("systems", {}).items():
+        mean, ci = row.get("mean") or {}, row.get("ci95") or {}
+        cells = [_interval(mean.get(k), ci.get(k), fmt) for k, _, fmt in SPREAD_COLUMNS]
+        lines.append(f"| {name} | {row.get('valid_reps', '-')} | " + " | ".join(cells) + " |")
+    vs_fp = summary.get("vs_fp") or {}
+    if vs_fp:
+        heads = " | ".join(h for _, h, _ in RATIO_COLUMNS)
+        lines += ["", f"| vs fp, per rep pair | pairs | {heads} |"]
+        lines.append("|---" * (len(RATIO_COLUMNS) + 2) + "|")
+        for name, r in vs_fp.items():
+            cells = [_interval(r["mean"].get(k), r["ci95"].get(k), f) for k, _, f in RATIO_COLUMNS]
+            lines.append(f"| {name} | {r['n']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def lag_lines(summary: Mapping) -> list[str]:
+    """The client's send lag of every rep (p99 and max), marking reps past the limit."""
+    out = []
+    for name, row in summary.get("systems", {}).items():
+        for r in row.get("per_rep", []):
+            if r.get("send_lag_p99_s") is None:
+                continue
+            flag = "" if r.get("valid", True) else " INVALID"
+            out.append(
+                f"{name} rep {r['rep']}: p99 {1000 * r['send_lag_p99_s']:.1f} ms, max "
+                f"{1000 * r['send_lag_max_s']:.1f} ms{flag}"
+            )
+    return out
 
 
 def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
@@ -133,7 +200,7 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
         lines.append(f"| {_name(name, row)} | " + " | ".join(cells) + " |")
     failures = failure_lines(summary)
     if failures:
-        lines += ["", "Failed:", ""] + [f"- {line}" for line in failures]
+        lines += ["", "Failed or invalid:", ""] + [f"- {line}" for line in failures]
     ratios = comparisons(summary)
     if ratios:
         lines += ["", "Against fp (same budget, same requests):", ""]
@@ -144,6 +211,13 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
         ]
         for name, r in ratios.items():
             lines.append(f"| {name} | " + " | ".join(_ratio_texts(r)) + " |")
+    if summary.get("systems"):
+        lines += ["", "Over reps (mean [95% interval]; invalid reps left out):", ""]
+        lines += spread_lines(summary)
+    lags = lag_lines(summary)
+    if lags:
+        lines += ["", "Client send lag (actual minus scheduled send), per rep:", ""]
+        lines += [f"- {line}" for line in lags]
     notes = summary.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
@@ -243,7 +317,7 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
     if not console.is_terminal:  # a pipe or file gets 80 columns, too narrow for the table
         console.width = max(console.width, 180)
     for line in conditions(summary):
-        console.print(line)
+        console.print(line, markup=False)  # "[...]" in a stated condition is text
     table = Table(title="per-system results")
     table.add_column("system")
     for _, header, _ in COLUMNS:
@@ -252,10 +326,73 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
         table.add_row(_name(name, row), *(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS))
     console.print(table)
     for line in failure_lines(summary):
-        console.print(f"[red]{line}[/]")
+        console.print(f"[red]{escape(line)}[/]")
     for name, r in comparisons(summary).items():
         red, speed, cost = _ratio_texts(r)
         console.print(
             f"{name} vs fp: SLO violations {red} reduction, P95 TTFT {speed} speed-up, "
             f"quality cost {cost} of static-int4's"
         )
+    if summary.get("reps", 1) > 1:
+        for line in spread_lines(summary):
+            console.print(line, markup=False)
+    worst = max((row for row in _rep_rows(summary)), key=_lag_key, default=None)
+    if worst is not None:
+        console.print(
+            f"client send lag: worst rep p99 {1000 * worst['send_lag_p99_s']:.1f} ms "
+            f"(limit 50 ms); {len(summary.get('invalid_reps', []))} rep(s) invalid"
+        )
+
+
+def _rep_rows(summary: Mapping) -> list[Mapping]:
+    return [
+        r
+        for row in summary.get("systems", {}).values()
+        for r in row.get("per_rep", [])
+        if r.get("send_lag_p99_s") is not None
+    ]
+
+
+def _lag_key(row: Mapping) -> float:
+    return float(row["send_lag_p99_s"])
+
+
+SWEEP_LABELS = {
+    "offered_load_req_s": "offered load (requests/s of the replayed window)",
+    "slo_scale": "SLO scale (x the base SLOs)",
+    "slo_violation_rate": "SLO violation rate",
+    "ttft_p95_s": "P95 TTFT (s)",
+}
+
+
+def plot_sweep(path: Path, points: Sequence[Mapping], x: str, y: str) -> None:
+    """One line per system of ``y`` (its mean over reps, with the 95% interval as error bars
+    when there is one) against the point field ``x``, points sorted along x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = dict.fromkeys(name for p in points for name in p.get("systems", {}))
+    for name in names:
+        rows = sorted((p[x], p["systems"][name]) for p in points if name in p.get("systems", {}))
+        xs, means, errs = [], [], []
+        for xv, row in rows:
+            mean = (row.get("mean") or {}).get(y, row.get(y))
+            if xv is None or mean is None:
+                continue
+            ci = (row.get("ci95") or {}).get(y)
+            xs.append(xv)
+            means.append(mean)
+            errs.append((mean - ci[0], ci[1] - mean) if ci else (0.0, 0.0))
+        if xs:
+            yerr = [[e[0] for e in errs], [e[1] for e in errs]]
+            ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=name)
+    ax.set_xlabel(SWEEP_LABELS.get(x, x))
+    ax.set_ylabel(SWEEP_LABELS.get(y, y))
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -13,13 +13,17 @@ from pathlib import Path
 
 from sglang_morph.client import MorphClient
 from sglang_morph.paths import DEFAULT_CHECKPOINT
-from sglang_morph.server_process import Server
+from sglang_morph.server_process import HEALTH_TIMEOUT_S, Server
 
 LAUNCHER = "sglang_morph.launch_server"
 DEFAULT_RL_CHECKPOINT = str(DEFAULT_CHECKPOINT)
 
-SYSTEMS = ("fp", "static-int8", "static-int4", "morph-heuristic", "morph-rl")
-"""The systems offered, in the order reports list them."""
+SYSTEMS = ("fp", "static-int8", "static-int4", "static-k", "morph-heuristic", "morph-rl")
+"""The systems offered, in the order reports list them. ``static-k:K`` serves the first K
+layers of the profile order in int4 for the whole run; ``static-k`` finds K itself (the
+smallest reaching morph-heuristic's SLO violations, see eval.execute)."""
+STATIC_K = "static-k"
+STATIC_K_FORMAT = "int4"
 
 TIMELINE_FIELDS = (
     "queue_len",
@@ -30,18 +34,51 @@ TIMELINE_FIELDS = (
 )
 
 
+def static_k(system: str) -> int | None:
+    """K of ``static-k:K``; None for every other system (``static-k`` included, whose K is
+    searched). ValueError when K is not a whole number >= 0."""
+    name, sep, k = system.partition(":")
+    if name != STATIC_K or not sep:
+        return None
+    if not k.isdigit():
+        raise ValueError(f"{system}: K must be a whole number >= 0")
+    return int(k)
+
+
 def system_flags(system: str, budget_bytes: int, rl_checkpoint: str) -> list[str]:
-    """Launcher flags of ``system``; all systems share ``--morph-memory-budget``."""
+    """Launcher flags of ``system``; all systems share ``--morph-memory-budget``. A static-k
+    server runs the manual policy: the harness swaps its K layers before the replay
+    (``quantize_first``) and nothing changes them afterwards."""
     flags = {
         "fp": ["--morph-policy", "off"],
         "static-int8": ["--morph-static-format", "int8"],
         "static-int4": ["--morph-static-format", "int4"],
+        STATIC_K: ["--morph-policy", "manual", "--morph-format", STATIC_K_FORMAT],
         "morph-heuristic": ["--morph-policy", "heuristic"],
         "morph-rl": ["--morph-policy", "rl", "--morph-checkpoint", rl_checkpoint],
     }
-    if system not in flags:
+    name = STATIC_K if system.partition(":")[0] == STATIC_K else system
+    if name not in flags:
         raise ValueError(f"unknown system {system!r}; offered: {', '.join(SYSTEMS)}")
-    return flags[system] + ["--morph-memory-budget", str(budget_bytes)]
+    return flags[name] + ["--morph-memory-budget", str(budget_bytes)]
+
+
+def quantize_first(base_url: str, k: int, timeout_s: float = 120.0) -> dict:
+    """Swap the first ``k`` layers of the server's own layer order to int4 and wait until the
+    swap and the KV growth it pays for are complete; returns the settled ``/morph/state``.
+    RuntimeError when the server does not settle in ``timeout_s``."""
+    client = MorphClient(base_url)
+    state = client.state()
+    if k > 0:
+        client.swap(state["layer_order"][:k], STATIC_K_FORMAT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = client.state()
+        settled = all(x["format"] == x["desired"] for x in state["layers"])
+        if settled and state.get("kv_resize_complete", True):
+            return state
+        time.sleep(0.1)
+    raise RuntimeError(f"static-k: the swap of {k} layers did not settle in {timeout_s:g} s")
 
 
 def start_server(
@@ -50,10 +87,11 @@ def start_server(
     flags: Sequence[str],
     log_path: Path,
     host: str = "127.0.0.1",
-    health_timeout_s: float = 240.0,
+    health_timeout_s: float = HEALTH_TIMEOUT_S,
 ) -> Server:
     """Launch one system's server on ``port`` (a free one when None) and return once
-    ``GET /health`` answers 200 (ServerError, with the log tail, otherwise)."""
+    ``GET /health`` answers 200 (ServerError, with the log tail, otherwise; the limit is 240 s,
+    or ``MORPH_TEST_HEALTH_TIMEOUT`` on a machine loaded by tests)."""
     return Server(
         ["--model-path", model_path, *flags],
         port=port,

@@ -32,7 +32,7 @@ from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with, output_path,
 from sglang_morph.data import resolve_model
 from sglang_morph.memory import default_budget
 from sglang_morph.paths import absolute
-from sglang_morph.server_process import Server, ServerError
+from sglang_morph.server_process import Server, ServerError, process_tree, rss_bytes
 
 console = Console(stderr=True)
 WARMUP_MIN = 5
@@ -110,36 +110,15 @@ def minute_of_requests(load: Load, minute: int):
 def process_figures(root_pid: int) -> dict:
     """Resident bytes and open descriptors of the launcher and each of its descendants."""
     figures = {}
-    for pid in _tree(root_pid):
+    for pid in process_tree(root_pid):
         try:
             name = Path(f"/proc/{pid}/comm").read_text().strip()
-            rss = _rss_bytes(pid)
+            rss = rss_bytes(pid)
             fds = len(os.listdir(f"/proc/{pid}/fd"))
         except OSError:
             continue  # exited between the listing and the read
         figures[f"{name}[{pid}]"] = {"rss_bytes": rss, "open_fds": fds}
     return figures
-
-
-def _tree(pid: int) -> list[int]:
-    pids, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        pids.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                children = Path(f"/proc/{p}/task/{task}/children").read_text().split()
-                todo += [int(c) for c in children]
-        except OSError:
-            pass
-    return pids
-
-
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def flatten(row: dict) -> dict[str, float]:

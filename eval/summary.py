@@ -1,20 +1,22 @@
 """From finished system-reps to summary.json, report.md and figures.
 
-Latency and SLO fields are pooled over a system's reps (each rep is also reported on its own);
-quality is token-weighted over the layer configurations a system actually served, each
-configuration evaluated once per run. A system-rep that failed (its server did not start, or an
-RL policy that fell back to the heuristic) is listed with its reason, so no figure is read as
-what it is not.
+Latency and SLO fields are pooled over a system's reps (each rep is also reported on its own,
+and every figure has its mean and 95% interval over reps, as have the ratios against fp, taken
+per rep pair); quality is token-weighted over the layer configurations a system actually served,
+each configuration evaluated once per run. A system-rep that failed (its server did not start,
+or an RL policy that fell back to the heuristic) is listed with its reason, and a rep whose
+client lagged behind the trace is flagged invalid, so no figure is read as what it is not.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eval import metrics, report
+from eval import metrics, report, stats
 from eval.metrics import FormatKey, Slo
-from eval.plan import Plan
+from eval.plan import Plan, layer_order
 from eval.run_dir import SystemRun
+from eval.servers import STATIC_K, static_k
 
 
 def _evaluate(plan: Plan, key: FormatKey, cache: dict, notes: list[str]) -> dict | None:
@@ -43,10 +45,21 @@ def _evaluate(plan: Plan, key: FormatKey, cache: dict, notes: list[str]) -> dict
     return value
 
 
+def system_k(plan: Plan, system: str) -> int | None:
+    """How many layers a static-k system quantizes (None for other systems)."""
+    if system.partition(":")[0] != STATIC_K:
+        return None
+    k = static_k(system)
+    return plan.static_k if k is None else k
+
+
 def nominal_key(plan: Plan, system: str) -> FormatKey | None:
     """The configuration a system is meant to run (used when no timeline was recorded)."""
     if system == "fp":
         return ()
+    if system.partition(":")[0] == STATIC_K:
+        k = system_k(plan, system)
+        return None if k is None else tuple(sorted((i, "int4") for i in layer_order(plan)[:k]))
     if system.startswith("static-"):
         fmt = system.split("-", 1)[1]
         return tuple((i, fmt) for i in range(plan.num_layers))
@@ -95,19 +108,27 @@ def _total(values: Sequence[int | None]) -> int | None:
     return sum(known) if known else None
 
 
-def _rep_row(run: SystemRun, slo: Slo) -> dict:
+def _rep_row(run: SystemRun, slo: Slo, quality: tuple = (None, None, None)) -> dict:
+    """One rep's figures; ``valid`` is false (with ``invalid``, the reason) when the client's
+    send lag shows it replayed another load than the trace's."""
     state = _final_state(run)
     return {
         "rep": run.rep,
         **metrics.summarize(run.records, slo),
+        "quality_ppl": quality[0],
+        "quality_kl": quality[1],
+        **stats.send_lag(run.records),
         "failure": run.failure,
         "fallbacks": state.get("fallbacks"),
         "policy_loaded": state.get("policy_loaded"),
     }
 
 
-def _system_row(runs: Sequence[SystemRun], slo: Slo, quality: tuple) -> dict:
-    """One system's summary.json entry, pooled over its reps."""
+def _system_row(
+    runs: Sequence[SystemRun], slo: Slo, quality: tuple, rep_quality: dict | None = None
+) -> dict:
+    """One system's summary.json entry, pooled over its reps, with each figure's mean and 95%
+    interval over its valid reps (``mean``, ``ci95``, ``valid_reps``)."""
     row = metrics.summarize([r for run in runs for r in run.records], slo)
     ppl, kl, mean_k = quality
     start = runs[0].state_start or {}
@@ -121,9 +142,32 @@ def _system_row(runs: Sequence[SystemRun], slo: Slo, quality: tuple) -> dict:
         failures=[{"rep": run.rep, "reason": run.failure} for run in runs if run.failure],
         kv_capacity_tokens_at_start=start.get("kv_capacity_tokens"),
         quantized_layers_at_start=start.get("quantized_layers"),
-        per_rep=[_rep_row(run, slo) for run in runs],
+        per_rep=[_rep_row(run, slo, (rep_quality or {}).get(run.rep, quality)) for run in runs],
     )
+    spread = stats.summarize_reps(row["per_rep"])
+    row.update(valid_reps=spread["n"], mean=spread["mean"], ci95=spread["ci95"])
     return row
+
+
+def _vs_fp(systems: dict) -> dict:
+    """Each other system against fp, ratio per rep pair, then mean and 95% interval."""
+    if "fp" not in systems:
+        return {}
+    static = (systems.get("static-int4") or {}).get("per_rep", [])
+    return {
+        name: stats.paired_ratios(systems["fp"]["per_rep"], row["per_rep"], static)
+        for name, row in systems.items()
+        if name != "fp"
+    }
+
+
+def _invalid_reps(systems: dict) -> list[dict]:
+    return [
+        {"system": name, "rep": r["rep"], "reason": r["invalid"]}
+        for name, row in systems.items()
+        for r in row["per_rep"]
+        if not r["valid"]
+    ]
 
 
 def _failures(runs: dict[str, list[SystemRun]], start_failures: Sequence[dict]) -> list[dict]:
@@ -145,15 +189,18 @@ def build_summary(
     quality: dict[str, tuple] | None = None,
     notes: Sequence[str] = (),
     failures: Sequence[dict] = (),
+    rep_quality: dict[str, dict[int, tuple]] | None = None,
 ) -> dict:
     """summary.json's content from whatever has run so far; ``failures`` are the system-reps
-    whose server did not start (the others' failures come with their runs)."""
+    whose server did not start (the others' failures come with their runs); ``rep_quality``
+    is each system's quality per rep (the pooled one stands in when absent)."""
     trace, slo = plan.trace, plan.slo
     summary: dict = {
         "trace": {
             "name": trace.name,
             "source": trace.meta.get("source"),
             "window": trace.meta.get("window"),
+            "window_how": trace.meta.get("window_how"),
             "time_scale": trace.meta.get("time_scale"),
             "length_mapping": trace.meta.get("length_mapping"),
             "requests": len(trace.requests),
@@ -161,19 +208,31 @@ def build_summary(
         },
         "budget": {"bytes": plan.budget_bytes, "how": plan.budget_how},
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "how": slo.how} if slo else None,
+        "profile": plan.profile_name,
         "reps": plan.args.reps,
         "interrupted": interrupted,
         "systems": {},
+        "vs_fp": {},
+        "invalid_reps": [],
         "failures": _failures(runs, failures),
-        "notes": list(notes),
+        "notes": list(dict.fromkeys([*plan.notes, *notes])),
     }
     if slo is None:
         return summary
     for system, system_runs in runs.items():
         if any(run.records for run in system_runs):
             no_quality = (None, None, None)
-            row = _system_row(system_runs, slo, (quality or {}).get(system, no_quality))
+            row = _system_row(
+                system_runs,
+                slo,
+                (quality or {}).get(system, no_quality),
+                (rep_quality or {}).get(system),
+            )
+            if system.partition(":")[0] == STATIC_K:
+                row["k"] = system_k(plan, system)
             summary["systems"][system] = row
+    summary["vs_fp"] = _vs_fp(summary["systems"])
+    summary["invalid_reps"] = _invalid_reps(summary["systems"])
     return summary
 
 
@@ -214,6 +273,7 @@ def finish(
     """The final summary: each system's quality (skipped when interrupted), then every output
     with its figures. Returns the summary written."""
     quality: dict[str, tuple] = {}
+    rep_quality: dict[str, dict[int, tuple]] = {}
     if interrupted:
         notes.append("interrupted: quality was not computed")
     else:
@@ -221,6 +281,10 @@ def finish(
         for system, system_runs in runs.items():
             if system_runs:
                 quality[system] = system_quality(plan, system, system_runs, cache, notes)
-    summary = build_summary(plan, runs, interrupted, quality, notes, failures)
+                rep_quality[system] = {
+                    run.rep: system_quality(plan, system, [run], cache, notes)
+                    for run in system_runs
+                }
+    summary = build_summary(plan, runs, interrupted, quality, notes, failures, rep_quality)
     write_outputs(plan, summary, runs, figures=True)
     return summary

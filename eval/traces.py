@@ -5,7 +5,9 @@ because MorphServe's claims are about bursts; synthetic Poisson load would hide 
 token lengths (p50 input > 1,000 tokens) exceed stories260K's 512-token context, and its CPU
 throughput is far below a GPU's, so every replay states a window, a time scale and a length
 mapping. Those three transformations live here, and each one records itself in ``Trace.meta``
-so that reports can print exactly what was replayed.
+so that reports can print exactly what was replayed. Mooncake also says which prompts share a
+prefix (its ``hash_ids``); requests keep them, so a replay exercises SGLang's prefix cache as
+the trace dictates (prompt tokens: ``eval.prompts``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-NAMED_TRACES = {"azure-code": "azure-code", "azure-conv": "azure-conv"}
+NAMED_TRACES = {"azure-code": "azure-code", "azure-conv": "azure-conv", "mooncake": "mooncake"}
 """Trace names accepted by ``load_trace`` -> asset names of ``sglang_morph.data.resolve``."""
 
 FORMATS = ("azure", "burstgpt", "mooncake")
@@ -27,6 +29,8 @@ _FORMAT_HELP = "Azure 2023 CSV, BurstGPT CSV, Mooncake JSONL"
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _BURSTGPT_COLUMNS = ("Timestamp", "Request tokens", "Response tokens")
 _EPS = 1e-9
+MOONCAKE_BLOCK_TOKENS = 512
+"""Prompt tokens per Mooncake ``hash_ids`` entry (the trace's block size)."""
 
 
 class TraceError(ValueError):
@@ -35,11 +39,17 @@ class TraceError(ValueError):
 
 @dataclass(frozen=True)
 class TraceRequest:
-    """One request of a trace: when it arrives and how many tokens go in and come out."""
+    """One request of a trace: when it arrives and how many tokens go in and come out.
+
+    ``hash_ids`` (Mooncake only; None for traces without them) names the prompt's blocks of
+    ``MOONCAKE_BLOCK_TOKENS`` source tokens in order: requests with equal leading ids share that
+    prefix, which is what a prefix cache can reuse.
+    """
 
     arrival_s: float
     input_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,9 +109,9 @@ def load_trace(name_or_path: str, fmt: str | None = None, data_dir: str | None =
     rows = loaders[fmt](path)
     if not rows:
         raise TraceError(f"{path}: no requests in the trace")
-    rows.sort(key=lambda r: r[0])
-    t0 = rows[0][0]
-    requests = tuple(TraceRequest(t - t0, i, o) for t, i, o in rows)
+    rows.sort(key=lambda r: r.arrival_s)
+    t0 = rows[0].arrival_s
+    requests = tuple(replace(r, arrival_s=r.arrival_s - t0) for r in rows)
     name = name_or_path if name_or_path in NAMED_TRACES else path.stem
     meta = {
         "source": str(path),
@@ -128,10 +138,7 @@ def select_window(trace: Trace, start_s: float, end_s: float) -> Trace:
     arrivals = [r.arrival_s for r in trace.requests]
     lo = bisect.bisect_left(arrivals, start_s - _EPS)
     hi = bisect.bisect_left(arrivals, end_s - _EPS)
-    requests = tuple(
-        TraceRequest(r.arrival_s - start_s, r.input_tokens, r.output_tokens)
-        for r in trace.requests[lo:hi]
-    )
+    requests = tuple(replace(r, arrival_s=r.arrival_s - start_s) for r in trace.requests[lo:hi])
     scale = float(trace.meta.get("time_scale", 1.0))
     offset = (trace.meta.get("window") or [0.0, 0.0])[0]
     meta = dict(trace.meta)
@@ -169,9 +176,7 @@ def scale_time(trace: Trace, speedup: float) -> Trace:
     fast one was loaded in production. Successive scalings multiply in ``meta['time_scale']``."""
     if not speedup > 0 or math.isinf(speedup):
         raise TraceError(f"time scale must be a positive finite speed-up, got {speedup!r}")
-    requests = tuple(
-        TraceRequest(r.arrival_s / speedup, r.input_tokens, r.output_tokens) for r in trace.requests
-    )
+    requests = tuple(replace(r, arrival_s=r.arrival_s / speedup) for r in trace.requests)
     meta = dict(trace.meta)
     meta["time_scale"] = float(trace.meta.get("time_scale", 1.0)) * speedup
     if "span_s" in meta:
@@ -187,17 +192,33 @@ def map_lengths(trace: Trace, mapping: LengthMapping) -> Trace:
         raise TraceError("length mapping needs 1 <= input_min <= input_max")
     if not (1 <= mapping.output_min <= mapping.output_max):
         raise TraceError("length mapping needs 1 <= output_min <= output_max")
+    m = mapping
     requests = tuple(
-        TraceRequest(
-            r.arrival_s,
-            _clip(r.input_tokens / mapping.input_div, mapping.input_min, mapping.input_max),
-            _clip(r.output_tokens / mapping.output_div, mapping.output_min, mapping.output_max),
+        replace(
+            r,
+            input_tokens=_clip(r.input_tokens / m.input_div, m.input_min, m.input_max),
+            output_tokens=_clip(r.output_tokens / m.output_div, m.output_min, m.output_max),
         )
         for r in trace.requests
     )
     meta = dict(trace.meta)
     meta["length_mapping"] = asdict(mapping)
     return Trace(trace.name, requests, meta)
+
+
+def request_row(request: TraceRequest) -> list:
+    """A request as a JSON row (a saved plan's): ``[arrival_s, input, output]``, plus the list of
+    hash ids when it has them, so plans of traces without them keep their old form."""
+    row: list = [request.arrival_s, request.input_tokens, request.output_tokens]
+    if request.hash_ids is not None:
+        row.append(list(request.hash_ids))
+    return row
+
+
+def request_from_row(row: list) -> TraceRequest:
+    """The request ``request_row`` wrote."""
+    hash_ids = tuple(int(h) for h in row[3]) if len(row) > 3 else None
+    return TraceRequest(float(row[0]), int(row[1]), int(row[2]), hash_ids)
 
 
 def _clip(value: float, low: int, high: int) -> int:
@@ -261,12 +282,12 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str,
     return rows
 
 
-def _load_azure(path: Path) -> list[tuple[float, int, int]]:
+def _load_azure(path: Path) -> list[TraceRequest]:
     rows = []
     for line, row in _read_csv(path, _AZURE_COLUMNS):
         where = f"{path}:{line}"
         rows.append(
-            (
+            TraceRequest(
                 _timestamp(row["TIMESTAMP"], where),
                 _count(row["ContextTokens"], "ContextTokens", where),
                 _count(row["GeneratedTokens"], "GeneratedTokens", where),
@@ -275,7 +296,7 @@ def _load_azure(path: Path) -> list[tuple[float, int, int]]:
     return rows
 
 
-def _load_burstgpt(path: Path) -> list[tuple[float, int, int]]:
+def _load_burstgpt(path: Path) -> list[TraceRequest]:
     rows = []
     for line, row in _read_csv(path, _BURSTGPT_COLUMNS):
         where = f"{path}:{line}"
@@ -283,11 +304,12 @@ def _load_burstgpt(path: Path) -> list[tuple[float, int, int]]:
         response = _count(row["Response tokens"], "Response tokens", where)
         if response == 0:  # BurstGPT logs failed requests with no response: not served load
             continue
-        rows.append((arrival, _count(row["Request tokens"], "Request tokens", where), response))
+        request = _count(row["Request tokens"], "Request tokens", where)
+        rows.append(TraceRequest(arrival, request, response))
     return rows
 
 
-def _load_mooncake(path: Path) -> list[tuple[float, int, int]]:
+def _load_mooncake(path: Path) -> list[TraceRequest]:
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
@@ -304,13 +326,23 @@ def _load_mooncake(path: Path) -> list[tuple[float, int, int]]:
                 if key not in record:
                     raise TraceError(f"{where}: missing field {key!r}")
             rows.append(
-                (
+                TraceRequest(
                     _number(record["timestamp"], "timestamp", where) / 1000.0,
                     _count(record["input_length"], "input_length", where),
                     _count(record["output_length"], "output_length", where),
+                    _hash_ids(record.get("hash_ids"), where),
                 )
             )
     return rows
+
+
+def _hash_ids(value: object, where: str) -> tuple[int, ...] | None:
+    """Mooncake's block ids: absent or null means none; otherwise a list of non-negative ints."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise TraceError(f"{where}: hash_ids must be a list of non-negative integers")
+    return tuple(_count(h, "hash_ids entry", where) for h in value)
 
 
 def _number(text: object, column: str, where: str) -> float:

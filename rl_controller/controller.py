@@ -13,16 +13,18 @@ import time
 from dataclasses import dataclass
 
 from rl_controller.observation import LoadSnapshot
-from rl_controller.policy import Policy, clip_action
+from rl_controller.policy import Action, Policy, clip_action, clip_kv_fraction
 
 
 @dataclass(frozen=True)
 class Decision:
     """What the controller decided at one tick and how.
 
-    ``target``: quantized layers after ``clip_action``; ``clipped``: the policy asked for
-    something unsafe or out of range; ``fell_back``: the primary policy failed and the fallback
-    decided, for ``reason``; ``seconds``: time taken (observation, policy, fallback and clip).
+    ``target``: quantized layers after ``clip_action``; ``kv_fraction``: the KV limit as a
+    fraction of the budget-allowed capacity, after ``clip_kv_fraction``; ``clipped``: the policy
+    asked for something unsafe or out of range; ``fell_back``: the primary policy failed and the
+    fallback decided, for ``reason``; ``seconds``: time taken (observation, policy, fallback and
+    clip).
     """
 
     target: int
@@ -30,6 +32,7 @@ class Decision:
     fell_back: bool
     reason: str | None
     seconds: float
+    kv_fraction: float = 1.0
 
 
 class Controller:
@@ -57,21 +60,29 @@ class Controller:
         """The clipped target for ``snap``. Raises only when the policy fails and there is no
         fallback."""
         start = time.perf_counter()
-        backup = self.fallback.decide(snap) if self.fallback is not None else None
+        backup = _action(self.fallback.decide(snap)) if self.fallback is not None else None
         reason = None
         try:
-            target = _whole_number(self.policy.decide(snap))
+            action = _action(self.policy.decide(snap))
         except Exception as err:  # noqa: BLE001 - any policy failure: the fallback decides
             if backup is None:
                 raise
-            target, reason = backup, f"{type(err).__name__}: {err}"
-        target, clipped = clip_action(target, snap)
-        return Decision(target, clipped, reason is not None, reason, time.perf_counter() - start)
+            action, reason = backup, f"{type(err).__name__}: {err}"
+        target, clipped = clip_action(action.layers, snap)
+        fraction, kv_clipped = clip_kv_fraction(action.kv_fraction, snap)
+        return Decision(
+            target, clipped or kv_clipped, reason is not None, reason,
+            time.perf_counter() - start, fraction,
+        )  # fmt: skip
 
 
-def _whole_number(value: object) -> int:
-    """``value`` as an int; ValueError for NaN, infinities and non-numbers."""
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number):
+def _action(value: object) -> Action:
+    """A policy's answer as an ``Action`` of finite numbers; ValueError for NaN, infinities and
+    non-numbers (a bare number is a layer target with the full KV limit)."""
+    layers, fraction = (
+        (value.layers, value.kv_fraction) if isinstance(value, Action) else (value, 1.0)
+    )
+    numbers = (float(layers), float(fraction))  # type: ignore[arg-type]
+    if not all(math.isfinite(n) for n in numbers):
         raise ValueError(f"non-finite policy output {value!r}")
-    return int(number)
+    return Action(int(numbers[0]), numbers[1])

@@ -8,6 +8,12 @@ a fraction of the TTFT SLO, and "queue empty" means no request has waited that l
 restore margin: the segment must be unused, with the head's prompt and room to spare; (3) an
 idle time before restoring and (4) a minimum dwell time between a transition and a transition
 in the other direction (or any restore). Escalating during a burst is not delayed.
+
+The KV limit protects TPOT: when the decode iteration (the time per output token every running
+request sees) exceeds the TPOT target while no request waits long for its first token, the
+limit steps down one of ``KV_FRACTIONS`` (fewer concurrent decodes, shorter iterations); it
+steps back up as soon as a request waits long or decodes run well inside the target. Changes
+of the limit keep their own dwell time.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import math
 
 from rl_controller.observation import LoadSnapshot
+from rl_controller.policy import KV_FRACTIONS, Action
 
 
 class HeuristicPolicy:
@@ -31,6 +38,9 @@ class HeuristicPolicy:
         restore_margin: float = 0.5,
         decode_lookahead: int = 4,
         wait_frac: float = 0.25,
+        tpot_high: float = 1.0,
+        tpot_low: float = 0.6,
+        kv_dwell_s: float = 2.0,
     ) -> None:
         """
         dwell_s: least time after a transition before a restore, or before quantizing again
@@ -44,6 +54,9 @@ class HeuristicPolicy:
             running decodes fit (one per step, a few steps ahead).
         wait_frac: the head request must have waited this fraction of the TTFT SLO before a
             memory shortfall counts as pressure; momentary shortfalls resolve as requests finish.
+        tpot_high, tpot_low: the KV limit steps down when the decode iteration exceeds
+            ``tpot_high`` x the TPOT target, and back up below ``tpot_low`` x (hysteresis).
+        kv_dwell_s: least time between two changes of the KV limit.
         """
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
@@ -57,6 +70,11 @@ class HeuristicPolicy:
         self._prev_layers: int | None = None
         self._last_direction = 0
         self._calm_s = 0.0
+        self.tpot_high = tpot_high
+        self.tpot_low = tpot_low
+        self.kv_dwell_s = kv_dwell_s
+        self._kv_level = len(KV_FRACTIONS) - 1
+        self._kv_since = math.inf
 
     def _elapsed(self, snap: LoadSnapshot) -> float:
         """Seconds since the previous call. The snapshot carries no clock, but
@@ -68,9 +86,29 @@ class HeuristicPolicy:
             return 0.0
         return since - prev if since >= prev else since
 
-    def decide(self, snap: LoadSnapshot) -> int:
-        """Target layer count for this tick (see the module docstring for the rule)."""
+    def decide(self, snap: LoadSnapshot) -> Action:
+        """Target layer count and KV limit for this tick (see the module docstring)."""
         elapsed = self._elapsed(snap)
+        layers = self._layers(snap, elapsed)
+        return Action(layers, self._kv_fraction(snap, elapsed))
+
+    def _kv_fraction(self, snap: LoadSnapshot, elapsed: float) -> float:
+        """The KV limit's fraction: one step down under TPOT pressure, one up when it eases."""
+        self._kv_since += elapsed
+        slow = snap.decode_iteration_s > self.tpot_high * snap.tpot_slo_s
+        fast = snap.decode_iteration_s < self.tpot_low * snap.tpot_slo_s
+        waited = snap.queue_len > 0 and snap.oldest_wait_s >= self.wait_frac * snap.ttft_slo_s
+        level = self._kv_level
+        if waited or fast:
+            level = min(len(KV_FRACTIONS) - 1, level + 1)
+        elif slow and snap.running_reqs > 1:
+            level = max(0, level - 1)
+        if level != self._kv_level and self._kv_since >= self.kv_dwell_s:
+            self._kv_level, self._kv_since = level, 0.0
+        return KV_FRACTIONS[self._kv_level]
+
+    def _layers(self, snap: LoadSnapshot, elapsed: float) -> int:
+        """Target layer count (the memory-pressure rule with hysteresis)."""
         k = snap.quantized_layers
         if self._prev_layers is not None and k != self._prev_layers:
             self._last_direction = 1 if k > self._prev_layers else -1

@@ -27,7 +27,11 @@ class LoadSnapshot:
     KV accounting: ``kv_used_tokens`` are held by requests (running, prefilling, locked cache);
     ``kv_evictable_tokens`` are cached prefixes nobody holds; ``kv_free_tokens`` are unallocated.
     Their sum is ``kv_capacity_tokens``, the current usable capacity including the tokens freed
-    by the ``quantized_layers`` int4 layers.
+    by the ``quantized_layers`` int4 layers. ``kv_budget_tokens`` is what the budget allows at
+    this depth, before any KV limit (0: unknown, taken as ``kv_capacity_tokens``);
+    ``decode_iteration_s`` is the recent median decode iteration, the time per output token the
+    running requests see, judged against ``tpot_slo_s``. These three feed the KV-limit choice and
+    are not features of ``observation_vector``.
     """
 
     queue_len: int
@@ -46,6 +50,9 @@ class LoadSnapshot:
     tokens_per_layer: int
     recent_transitions: int
     seconds_since_transition: float
+    tpot_slo_s: float = math.inf
+    decode_iteration_s: float = 0.0
+    kv_budget_tokens: int = 0
 
 
 # Scales of the saturating features x / (x + scale): 0.5 at ``scale``, 0.9 at 9 * scale. Chosen
@@ -136,7 +143,7 @@ class RawLoad:
     decode tokens admission keeps for the running requests' remaining outputs.
     ``head_demand_tokens`` is what admitting the head request needs (its prompt plus its own
     promised decodes); ``oldest_arrival_s`` is when the longest-waiting request arrived (None:
-    nothing waits).
+    nothing waits). The last three fields pass through to ``LoadSnapshot`` unchanged.
     """
 
     queue_len: int
@@ -153,6 +160,9 @@ class RawLoad:
     quantized_layers: int
     num_layers: int
     tokens_per_layer: int
+    tpot_slo_s: float = math.inf
+    decode_iteration_s: float = 0.0
+    kv_budget_tokens: int = 0
 
 
 def build_snapshot(raw: RawLoad, clock: LoadClock, now: float) -> LoadSnapshot:
@@ -182,4 +192,7 @@ def build_snapshot(raw: RawLoad, clock: LoadClock, now: float) -> LoadSnapshot:
         tokens_per_layer=raw.tokens_per_layer,
         recent_transitions=clock.recent_transitions(now),
         seconds_since_transition=clock.seconds_since_transition(now),
+        tpot_slo_s=raw.tpot_slo_s,
+        decode_iteration_s=raw.decode_iteration_s,
+        kv_budget_tokens=raw.kv_budget_tokens or raw.kv_capacity_tokens,
     )

@@ -1,13 +1,16 @@
-"""What every controller policy is, and the safety clip applied to whatever a policy asks for.
+"""What every controller policy is, and the safety clips applied to whatever a policy asks for.
 
-A policy maps a ``LoadSnapshot`` to a target number of quantized layers; the runtime quantizes
-layers in the profile's importance order (least important first) until that many are int4.
-Policies may be wrong (an untrained network, a bug); ``clip_action`` is the one place that keeps
-their targets inside what the memory state allows, used by the runtime and the environment alike.
+A policy maps a ``LoadSnapshot`` to a target number of quantized layers and, optionally, a KV
+limit; the runtime quantizes layers in the profile's importance order (least important first)
+until that many are int4, and caps KV at the chosen fraction of what the budget allows at that
+depth. Policies may be wrong (an untrained network, a bug); ``clip_action`` and
+``clip_kv_fraction`` are the one place that keeps their choices inside what the memory state
+allows, used by the runtime and the environment alike.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from rl_controller.observation import LoadSnapshot
@@ -18,14 +21,35 @@ one action in every state (with absolute targets, holding means a state-dependen
 PPO settles on a constant target instead of learning when to move)."""
 
 
+KV_FRACTIONS: tuple[float, ...] = (0.5, 0.75, 1.0)
+"""KV limits a policy may choose, as fractions of what the budget allows at the current depth.
+A smaller limit admits fewer concurrent decodes: the batch stays small and each decode iteration
+short, which protects TPOT when a heavy batch would break it."""
+
+
+@dataclass(frozen=True)
+class Action:
+    """A policy's full choice: ``layers`` quantized (the target) and the KV limit as a fraction
+    of the budget-allowed capacity. A policy that returns a bare int chooses fraction 1.0."""
+
+    layers: int
+    kv_fraction: float = 1.0
+
+
+def target_layers(answer: int | Action) -> int:
+    """The layer target of a policy's answer (for tools that move layers only)."""
+    return answer.layers if isinstance(answer, Action) else int(answer)
+
+
 @runtime_checkable
 class Policy(Protocol):
     """A controller decision rule, called once per tick at the scheduler's safe point."""
 
     name: str
 
-    def decide(self, snap: LoadSnapshot) -> int:
-        """Target number of quantized layers (0..num_layers), least important layers first."""
+    def decide(self, snap: LoadSnapshot) -> int | Action:
+        """Target number of quantized layers (0..num_layers), least important layers first, or
+        an ``Action`` that also sets the KV limit."""
         ...
 
 
@@ -43,6 +67,21 @@ def clip_action(target: int, snap: LoadSnapshot) -> tuple[int, bool]:
         restorable = max(0, spare // snap.tokens_per_layer)
         action = max(action, snap.quantized_layers - restorable)
     return action, action != target
+
+
+def clip_kv_fraction(fraction: float, snap: LoadSnapshot) -> tuple[float, bool]:
+    """``fraction`` made valid and safe, and whether it had to be changed.
+
+    Valid: inside ``[min(KV_FRACTIONS), 1]``. Safe: the limit never cuts below the tokens in use
+    (they would have to wait for requests to finish before the shrink completes, and admission
+    would stall meanwhile), so the fraction is raised to cover ``kv_used_tokens``.
+    """
+    low = min(KV_FRACTIONS)
+    valid = min(max(float(fraction), low), 1.0)
+    budget = snap.kv_budget_tokens or snap.kv_capacity_tokens
+    if budget > 0:
+        valid = max(valid, min(1.0, snap.kv_used_tokens / budget))
+    return valid, valid != fraction
 
 
 class ConstantPolicy:

@@ -44,7 +44,7 @@ from eval.traces import LengthMapping, Trace
 from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
-from rl_controller.policy import DELTA_ACTIONS
+from rl_controller.policy import DELTA_ACTIONS, target_layers
 from sglang_morph.cli import (
     UsageError,
     exit_with,
@@ -153,7 +153,8 @@ def heuristic_demonstration(env: MorphEnv, window: int) -> tuple[np.ndarray, np.
     policy, observations, actions, done = HeuristicPolicy(), [], [], False
     while not done:
         assert env.snapshot is not None
-        step = np.sign(policy.decide(env.snapshot) - env.snapshot.quantized_layers)
+        target = target_layers(policy.decide(env.snapshot))
+        step = np.sign(target - env.snapshot.quantized_layers)
         action = DELTA_ACTIONS.index(int(step))
         observations.append(obs)
         actions.append(action)

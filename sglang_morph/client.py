@@ -1,17 +1,25 @@
 """MorphClient: the one HTTP client of a server's ``/morph/*`` routes (and the few SGLang routes
 the project's tools need), used by the tests, benchmarks, calibration, the engine environment
-and the evaluation harness alike.
+and the evaluation harness alike, and by the launcher's own warm-up probe (so it sits on the
+serving floor, beside the routes it calls).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 
 import requests
 
-from sglang_morph.config import ITERATIONS_ROUTE, KV_ROUTE, STATE_ROUTE, SWAP_ROUTE
+from sglang_morph.config import (
+    ITERATIONS_ROUTE,
+    KV_ROUTE,
+    STATE_ROUTE,
+    SWAP_ROUTE,
+    TARGETS_ROUTE,
+)
 
 
 class MorphRequestError(RuntimeError):
@@ -70,6 +78,14 @@ class MorphClient:
         """``POST /morph/kv``: an operator KV limit in tokens (0 lifts it)."""
         return self._command(KV_ROUTE, {"tokens": tokens}, timeout_s)
 
+    def set_targets(
+        self, ttft_s: float | None = None, tpot_s: float | None = None, timeout_s: float = 60.0
+    ) -> dict:
+        """``POST /morph/targets``: the controller's TTFT and/or TPOT targets in seconds (any
+        policy; the harness sends the SLO it judges by, the launcher its warm-up probe's)."""
+        body = {k: v for k, v in (("ttft_s", ttft_s), ("tpot_s", tpot_s)) if v is not None}
+        return self._command(TARGETS_ROUTE, body, timeout_s)
+
     def _command(self, path: str, body: dict, timeout_s: float) -> dict:
         r = self.post(path, body, timeout_s=timeout_s)
         if r.status_code != 200:
@@ -89,6 +105,36 @@ class MorphClient:
         )
         r.raise_for_status()
         return r.json()["text"]
+
+    def timed_generate(
+        self, input_ids: Sequence[int], max_new_tokens: int, timeout_s: float = 60.0
+    ) -> tuple[float, float | None]:
+        """Stream one greedy request of ``input_ids`` (EOS ignored, so it runs to
+        ``max_new_tokens``) and return (TTFT, TPOT) in seconds as a client sees them; TPOT is
+        None for a one-token output. RuntimeError when no token came."""
+        payload = {
+            "input_ids": list(input_ids),
+            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                "ignore_eos": True},
+            "stream": True,
+        }
+        start = time.perf_counter()
+        first, tokens = None, 0
+        with requests.post(self.base_url + "/generate", json=payload, stream=True,
+                           timeout=timeout_s, headers=self.headers) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                    continue
+                count = int((json.loads(line[5:]).get("meta_info") or {})
+                            .get("completion_tokens", 0))
+                if count > 0 and first is None:
+                    first = time.perf_counter() - start
+                tokens = max(tokens, count)
+        if first is None:
+            raise RuntimeError("the stream ended without a token")
+        total = time.perf_counter() - start
+        return first, (total - first) / (tokens - 1) if tokens > 1 else None
 
     # -- plain HTTP, for routes without a method here --
 

@@ -25,10 +25,17 @@ STATE_ROUTE = "/morph/state"
 SWAP_ROUTE = "/morph/swap"
 KV_ROUTE = "/morph/kv"
 ITERATIONS_ROUTE = "/morph/iterations"
+TARGETS_ROUTE = "/morph/targets"
 """The server's ``/morph/*`` routes: defined here once, served by ``http_api`` and called by
 ``client``."""
+COMMAND_KEY_PREFIX = "morph."
 SWAP_KEY_PREFIX = "morph.layer."
 KV_KEY = "morph.kv_tokens"
+TTFT_KEY = "morph.ttft_slo_s"
+TPOT_KEY = "morph.tpot_slo_s"
+PROVISIONAL_TTFT_SLO_S = 1.0
+"""The TTFT target the controller uses until the warm-up probe has measured one (only when
+``--morph-ttft-slo`` is not given)."""
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -64,7 +71,8 @@ class MorphConfig:
     profile_path: str | None = None
     checkpoint_path: str | None = None
     tick_interval_s: float = 0.05
-    ttft_slo_s: float = 1.0
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
     kv_segment_tokens: int = 64
     extra: dict = field(default_factory=dict)
 
@@ -85,8 +93,10 @@ class MorphConfig:
             raise ValueError("--morph-memory-budget must be positive")
         if self.kv_segment_tokens <= 0:
             raise ValueError("--morph-kv-segment-tokens must be a positive number of tokens")
-        if not self.ttft_slo_s > 0:
-            raise ValueError("--morph-ttft-slo must be a positive number of seconds")
+        for flag, value in (("--morph-ttft-slo", self.ttft_slo_s),
+                            ("--morph-tpot-slo", self.tpot_slo_s)):
+            if value is not None and not 0 < value < float("inf"):
+                raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
         if not self.tick_interval_s >= 0:
             raise ValueError("--morph-tick-interval must be 0 or more seconds")
 

@@ -65,6 +65,17 @@ ASSETS: dict[str, Asset] = {
             )
         },
     ),
+    "mooncake": Asset(
+        "mooncake",
+        "traces/mooncake_synthetic.jsonl",
+        {
+            "": (
+                "https://raw.githubusercontent.com/kvcache-ai/Mooncake/3cca71d/"
+                "FAST25-release/traces/synthetic_trace.jsonl",
+                "bd070915a98fc0ed264d7cfef2ce746002eb3076a695ec31ba2674c0111ec131",
+            )
+        },
+    ),
     "tinystories": Asset(
         "tinystories",
         "text/tinystories_sample.txt",

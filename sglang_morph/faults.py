@@ -8,7 +8,11 @@ runtime raise ``InjectedFault`` on the Nth call of each named step, once:
   every scheduler loop pass instead would make N depend on how fast an idle loop spins);
 - ``policy``: the primary policy's decision. Under ``--morph-policy rl`` the heuristic decides
   that tick instead; under ``heuristic`` there is no fallback, so the tick fails and morphing
-  freezes, as any failing tick does.
+  freezes, as any failing tick does;
+- ``hook`` (N ignored, give 1): the plugin registers one more hook, on a scheduler method that
+  does not exist (``MISSING_HOOK_TARGET``). SGLang only logs that it cannot attach it; the
+  scheduler's start-up check must then refuse to serve (the launcher's own check resolves the
+  plugin's real targets only, so the fault reaches the scheduler).
 
 The failures are real exceptions at the real places, so the tests see exactly what an actual
 bug or resource failure there would cause. Unset, nothing is counted and nothing is raised.
@@ -24,7 +28,8 @@ from rl_controller.observation import LoadSnapshot
 from rl_controller.policy import Policy
 
 ENV_VAR = "SGLANG_MORPH_FAULTS"
-STEPS = ("prepare", "tick", "policy")
+STEPS = ("prepare", "tick", "policy", "hook")
+MISSING_HOOK_TARGET = "sglang.srt.managers.scheduler.Scheduler.morph_injected_missing_method"
 
 
 class InjectedFault(RuntimeError):
@@ -66,6 +71,10 @@ class Faults:
         self.calls[step] += 1
         if self.calls[step] == self.plan[step]:
             raise InjectedFault(f"injected fault: {step} call {self.calls[step]}")
+
+    def missing_hook(self) -> str | None:
+        """The nonexistent hook target the plugin must add, when ``hook`` is planned."""
+        return MISSING_HOOK_TARGET if "hook" in self.plan else None
 
     def wrap_policy(self, policy: Policy) -> Policy:
         """``policy``, failing on the planned decision when ``policy`` is planned to fail."""

@@ -15,12 +15,15 @@ separately equals quantizing the fused qkv matrix; only the AWQ input scale is p
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from sglang_morph.data import resolve
 from sglang_morph.quant.awq import search_awq_scale
 from sglang_morph.quant.matmul import quantized_matmul
 from sglang_morph.quant.quantize import QuantizedWeight, quantize_weight
@@ -34,6 +37,11 @@ SGLANG_LINEAR_GROUPS: dict[str, tuple[str, ...]] = {
 FP = "fp"
 EOS_SPLIT = "<|endoftext|>"
 MAX_CONTEXT = 512
+VALIDATION_STORIES = 2
+"""The evaluation sample is split by position: its first stories are validation text (the
+profiler chooses between layer orders on them), the rest test text (what ``eval.quality``
+reports), so the order reported on was not chosen on the text it is reported on."""
+TEXT_PARTS = ("all", "validation", "test")
 
 ActScales = dict[int, dict[str, torch.Tensor]]
 """AWQ input scales: layer id -> SGLang linear name -> (in_features,) scale."""
@@ -153,16 +161,65 @@ class TokenText:
         return sum(int(s.numel()) for s in self.sequences)
 
 
-def tokenize_stories(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> TokenText:
-    """``<|endoftext|>``-separated stories, each tokenized (BOS first) in 512-token windows."""
+def tokenize_stories(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, stories: slice = slice(None)
+) -> TokenText:
+    """``<|endoftext|>``-separated stories (those at the positions ``stories`` selects), each
+    tokenized (BOS first) in 512-token windows."""
     raw = Path(path).read_bytes()
     sequences = []
-    for story in raw.decode("utf-8").split(EOS_SPLIT):
-        if not story.strip():
-            continue
-        ids = torch.tensor(tokenizer(story.strip()).input_ids)
+    texts = [story.strip() for story in raw.decode("utf-8").split(EOS_SPLIT) if story.strip()]
+    for story in texts[stories]:
+        ids = torch.tensor(tokenizer(story).input_ids)
         sequences.extend(ids[i : i + MAX_CONTEXT] for i in range(0, len(ids), MAX_CONTEXT))
     return TokenText(str(path), hashlib.sha256(raw).hexdigest(), sequences)
+
+
+def evaluation_text(tokenizer: PreTrainedTokenizerBase, part: str = "all") -> TokenText:
+    """The TinyStories sample (the model's own domain), whole or one part of its split by
+    position (``VALIDATION_STORIES``); the source names the asset, not this machine's path."""
+    if part not in TEXT_PARTS:
+        raise ValueError(f"unknown text part {part!r}; accepted: {', '.join(TEXT_PARTS)}")
+    stories = {
+        "all": slice(None),
+        "validation": slice(0, VALIDATION_STORIES),
+        "test": slice(VALIDATION_STORIES, None),
+    }[part]
+    text = tokenize_stories(resolve("tinystories"), tokenizer, stories)
+    text.source = "tinystories (text/tinystories_sample.txt)"
+    if part == "validation":
+        text.source += f", validation part: stories 1-{VALIDATION_STORIES}"
+    elif part == "test":
+        text.source += f", test part: the stories after the first {VALIDATION_STORIES}"
+    return text
+
+
+@torch.no_grad()
+def next_token_logprobs(model: torch.nn.Module, seq: torch.Tensor) -> torch.Tensor:
+    """(len - 1, vocab) log-probabilities of each next token of ``seq``, teacher-forced."""
+    return F.log_softmax(model(seq[None]).logits[0, :-1].float(), dim=-1)
+
+
+def token_kl(fp: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(fp || other) of two rows-of-log-probabilities tensors."""
+    return (fp.exp() * (fp - other)).sum(dim=-1)
+
+
+@torch.no_grad()
+def score_text(
+    model: torch.nn.Module, sequences: list[torch.Tensor], fp_logprobs: list[torch.Tensor]
+) -> dict[str, float]:
+    """{"ppl", "kl"} of the model as it stands on ``sequences``: perplexity of the text and the
+    mean per-token KL(full precision || model) of the next-token distributions, which sees
+    changes perplexity can average away. ``fp_logprobs`` are the full-precision model's
+    ``next_token_logprobs`` of the same sequences."""
+    nll, kl, count = 0.0, 0.0, 0
+    for seq, fp in zip(sequences, fp_logprobs, strict=True):
+        logprobs = next_token_logprobs(model, seq)
+        nll -= logprobs.gather(1, seq[1:, None]).sum().item()
+        kl += token_kl(fp, logprobs).sum().item()
+        count += len(seq) - 1
+    return {"ppl": math.exp(nll / count), "kl": kl / count}
 
 
 @torch.no_grad()

@@ -18,6 +18,9 @@ from sglang_morph.config import (
     STATE_ROUTE,
     SWAP_KEY_PREFIX,
     SWAP_ROUTE,
+    TARGETS_ROUTE,
+    TPOT_KEY,
+    TTFT_KEY,
     MorphConfig,
 )
 from sglang_morph.iterations import read_tail
@@ -78,7 +81,28 @@ async def morph_kv(request: Request) -> JSONResponse:
     return await _command({KV_KEY: tokens})
 
 
-async def _command(entries: dict[str, int]) -> JSONResponse:
+async def morph_targets(request: Request) -> JSONResponse:
+    """POST /morph/targets {"ttft_s": S, "tpot_s": S}: the controller's latency targets (either
+    or both; any policy). The harness sends the SLO it judges by; without one, the launcher's
+    warm-up probe sends what it measured."""
+    usage = 'body must be {"ttft_s": S, "tpot_s": S} with at least one positive number of seconds'
+    try:
+        body = await request.json()
+    except ValueError:
+        return _bad(usage)
+    if not isinstance(body, dict) or not body or set(body) - {"ttft_s", "tpot_s"}:
+        return _bad(f"{usage}, got {body!r}")
+    values = {TTFT_KEY: body.get("ttft_s"), TPOT_KEY: body.get("tpot_s")}
+    entries = {k: v for k, v in values.items() if v is not None}
+    if not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
+        for v in entries.values()
+    ):
+        return _bad(f"{usage}, got {body!r}")
+    return await _command({k: float(v) for k, v in entries.items()})
+
+
+async def _command(entries: dict[str, float]) -> JSONResponse:
     from sglang.srt.entrypoints.http_server import get_global_state
     from sglang.srt.managers.io_struct import SetInternalStateReq
 
@@ -113,5 +137,7 @@ def install() -> None:
         SWAP_ROUTE, auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_swap), methods=["POST"]
     )
     app.add_api_route(KV_ROUTE, auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_kv),
+                      methods=["POST"])
+    app.add_api_route(TARGETS_ROUTE, auth_level(AuthLevel.ADMIN_OPTIONAL)(morph_targets),
                       methods=["POST"])
     app.add_api_route(ITERATIONS_ROUTE, morph_iterations, methods=["GET"])

@@ -10,14 +10,15 @@ configuration to SGLang's processes and adds the ``/morph/*`` routes.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rl_controller.rl_policy import CheckpointError, RLPolicy
 from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with
-from sglang_morph.compat import MorphSetupError, check_sglang_version
+from sglang_morph.compat import MorphSetupError, check_hook_targets, check_sglang_version
 from sglang_morph.config import (
     GROUP_SIZES,
     POLICIES,
@@ -27,9 +28,12 @@ from sglang_morph.config import (
     parse_bytes,
 )
 from sglang_morph.data import resolve_model
-from sglang_morph.model_info import read_config, serving_device
+from sglang_morph.model_info import read_config, serving_device, vocab_size
 from sglang_morph.paths import DEFAULT_CHECKPOINT, absolute
+from sglang_morph.plugin import hook_targets
 from sglang_morph.profile_file import ProfileError, load_profile
+
+logger = logging.getLogger("sglang_morph")
 
 CPU_FLAGS = {
     "--device": "cpu",
@@ -37,6 +41,11 @@ CPU_FLAGS = {
     "--dtype": "float32",
 }
 CPU_SWITCHES = ("--disable-overlap-schedule",)
+CUDA_MORPH_SWITCHES = ("--disable-cuda-graph", "--disable-overlap-schedule")
+"""Added on CUDA whenever the runtime changes the model: a captured CUDA graph would replay
+kernels over the emptied full-precision weights after a swap, and the overlap scheduler leaves
+no iteration boundary with nothing in flight for the tick."""
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def _bytes_arg(text: str) -> int:
@@ -114,8 +123,16 @@ def morph_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--morph-ttft-slo",
         type=float,
-        default=1.0,
-        help="TTFT SLO in seconds that the controller observes (default: 1.0)",
+        default=None,
+        help="TTFT target in seconds for the controller (default: measured at warm-up, "
+        "5x the median of a few unloaded requests; shown in /morph/state)",
+    )
+    g.add_argument(
+        "--morph-tpot-slo",
+        type=float,
+        default=None,
+        help="TPOT target in seconds for the controller's KV limit (default: measured at "
+        "warm-up like the TTFT target)",
     )
     g.add_argument(
         "--morph-kv-segment-tokens",
@@ -205,14 +222,84 @@ def _checked_model(model_path: str | None, data_dir: str | None) -> str:
     return model
 
 
-def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
+def _int_value(argv: Sequence[str], *flags: str) -> tuple[str, int] | None:
+    """The first of ``flags`` given with a whole number, and that number (SGLang's own parser
+    reports a value that is not one)."""
+    for flag in flags:
+        text = _value(argv, flag)
+        if text is not None and text.strip().lstrip("-").isdigit():
+            return flag, int(text)
+    return None
+
+
+def _unsupported_model(config: dict) -> str | None:
+    """Why the runtime cannot morph a model with this ``config.json``, or None: it swaps the
+    four dense linears of Llama-style layers and sizes one full-attention KV pool."""
+    for key in MOE_KEYS:
+        if config.get(key):
+            return f"is a mixture-of-experts model ({key}={config[key]})"
+    if config.get("kv_lora_rank"):
+        return f"uses multi-head latent attention (kv_lora_rank={config['kv_lora_rank']})"
+    if config.get("use_sliding_window") is True:
+        return "uses sliding-window attention (use_sliding_window=true)"
+    if any("sliding" in str(t) for t in config.get("layer_types") or ()):
+        return "mixes sliding-window and full attention layers (layer_types)"
+    return None
+
+
+def _refuse_unsupported(cfg: MorphConfig, sg: Sequence[str], model: str) -> None:
+    """UsageError, naming the option, for what the morph runtime cannot serve (it would fail
+    inside the scheduler, or morph wrongly, long after start-up)."""
+    policy = (
+        f"--morph-policy {cfg.policy}"
+        if cfg.policy != "off"
+        else f"--morph-static-format {cfg.static_format}"
+    )
+    pp = _int_value(sg, "--pp-size", "--pipeline-parallel-size")
+    if pp is not None and pp[1] > 1:
+        raise UsageError(
+            f"{pp[0]} {pp[1]}: {policy} supports pipeline parallelism of 1 only (accepted: "
+            "--tp-size N; or --morph-policy off)"
+        )
+    page = _int_value(sg, "--page-size")
+    if page is not None and page[1] > 1:
+        raise UsageError(
+            f"--page-size {page[1]}: the elastic KV allocator of {policy} supports page size 1 "
+            "only (accepted: --page-size 1; or --morph-policy off)"
+        )
+    why = _unsupported_model(read_config(model))
+    if why is not None:
+        raise UsageError(
+            f"--model-path {model} {why}; {policy} supports dense Llama-style models with full "
+            "attention only (accepted: such a model; or --morph-policy off)"
+        )
+
+
+def _cuda_switches(sg: list[str]) -> None:
+    """Add CUDA_MORPH_SWITCHES the user did not give, and say so in one line."""
+    added = [s for s in CUDA_MORPH_SWITCHES if not _has(sg, s)]
+    if not added:
+        return
+    sg += added
+    logger.warning(
+        "sglang-morph: CUDA with layer swapping, switches: %s added: decode runs eagerly "
+        "(no CUDA graphs) and the scheduler does not overlap batches, so the swap tick runs "
+        "with nothing in flight",
+        " ".join(added),
+    )
+
+
+def build(
+    argv: Sequence[str], detect_device: Callable[[], str] = serving_device
+) -> tuple[MorphConfig, list[str]]:
     """Split and complete the command line: the morph configuration and SGLang's argv.
 
     Paths the user gives (profile, checkpoint) are made absolute here, against the directory
     the launcher was started in: SGLang's processes may run elsewhere. Exits with status 2
     (argparse) on an unknown ``--morph-*`` option or value; raises UsageError, ValueError
     (``MorphConfig.validate``) or CheckpointError (an RL checkpoint that cannot be run), each
-    with a one-line message, on input the user must change.
+    with a one-line message, on input the user must change. ``detect_device`` says where SGLang
+    will serve (``serving_device``; tests pass a double for a GPU).
     """
     parser = morph_parser()
     known, rest = parser.parse_known_args(list(argv))
@@ -233,6 +320,7 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
         checkpoint_path=_absolute_or_none(known.morph_checkpoint),
         tick_interval_s=known.morph_tick_interval,
         ttft_slo_s=known.morph_ttft_slo,
+        tpot_slo_s=known.morph_tpot_slo,
         kv_segment_tokens=known.morph_kv_segment_tokens,
     )
     cfg.validate()
@@ -244,9 +332,14 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
     sg = list(rest)
     model = _checked_model(_value(sg, "--model-path"), known.morph_data_dir)
     _set(sg, "--model-path", model)
+    if cfg.enabled:
+        _refuse_unsupported(cfg, sg, model)
     if not _has(sg, "--host"):
         sg += ["--host", "127.0.0.1"]
-    if serving_device() != "cuda":
+    on_cuda = detect_device() == "cuda"
+    if on_cuda and cfg.enabled:
+        _cuda_switches(sg)
+    if not on_cuda:
         os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
         for flag, value in CPU_FLAGS.items():
             if not _has(sg, flag):
@@ -254,15 +347,21 @@ def build(argv: Sequence[str]) -> tuple[MorphConfig, list[str]]:
         sg += [s for s in CPU_SWITCHES if not _has(sg, s)]
     if cfg.memory_budget_bytes is not None:
         from sglang_morph.memory import BudgetError, plan_kv_tokens
+        from sglang_morph.model_info import DtypeError
 
         if _has(sg, "--max-total-tokens"):
             raise UsageError(
                 "--morph-memory-budget sets the KV capacity; give --max-total-tokens only "
                 "without it"
             )
-        dtype, device = _value(sg, "--dtype") or "float32", _value(sg, "--device") or "cuda"
+        # The budget is sized in the dtype and context length the server will use: SGLang's
+        # defaults are --dtype auto (the CPU flags above set float32) and the model's context.
+        dtype, device = _value(sg, "--dtype") or "auto", _value(sg, "--device") or "cuda"
+        context = _int_value(sg, "--context-length")
         try:
-            plan = plan_kv_tokens(model, cfg, dtype, device)
+            plan = plan_kv_tokens(model, cfg, dtype, device, context[1] if context else None)
+        except DtypeError as err:
+            raise UsageError(f"--dtype: {err}") from err
         except BudgetError as err:
             raise UsageError(f"--morph-memory-budget {err}") from err
         except FileNotFoundError as err:  # no safetensors weights to size the budget by
@@ -285,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg, sg_argv = build(argv)
     except (UsageError, ValueError, CheckpointError) as err:  # ValueError: validate, budget
         exit_with(err)
+    try:
+        check_hook_targets(hook_targets(cfg))
+    except MorphSetupError as err:  # the installed SGLang lacks a method the plugin hooks
+        exit_with(err, FAILURE_STATUS)
     log = tempfile.NamedTemporaryFile(prefix="morph-iterations-", suffix=".jsonl", delete=False)
     cfg.extra["iteration_log"] = log.name
     cfg.to_env()
@@ -299,6 +402,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_plugins()
     server_args = prepare_server_args(sg_argv)
     http_api.install()
+    if cfg.policy in ("heuristic", "rl") and (cfg.ttft_slo_s is None or cfg.tpot_slo_s is None):
+        from sglang_morph.warmup_targets import start_probe
+
+        start_probe(
+            f"http://{server_args.host}:{server_args.port}",
+            server_args.admin_api_key or server_args.api_key,
+            vocab_size(server_args.model_path), cfg.ttft_slo_s is not None,
+            cfg.tpot_slo_s is not None,
+        )  # fmt: skip
     try:
         run_server(server_args)
     finally:

@@ -2,9 +2,10 @@
 budget into KV capacity.
 
 Every part of the project (launcher, runtime, harness, calibration, environment) sizes KV with
-``kv_tokens_for``; the budget travels as ``budget_bytes: int`` end to end. On CPU the budget is
-bookkeeping that makes the same pressure appear as on a GPU: KV capacity is whatever it leaves
-after the weights in their current formats (see docs/design.md for what is physical where).
+``kv_tokens_for``; the budget travels as ``budget_bytes: int`` end to end: KV capacity is
+whatever it leaves after the weights in their current formats. On CPU the KV pages above the
+limit are given back to the operating system (``sglang_morph.kv.physical``); what is physical
+where is in docs/design.md.
 """
 
 from __future__ import annotations
@@ -61,32 +62,47 @@ class KVPlan:
 
 
 def check_budget(
-    model_path: str, budget_bytes: int, dtype: str = "float32", device: str | None = None
+    model_path: str,
+    budget_bytes: int,
+    dtype: str = "float32",
+    device: str | None = None,
+    context_len: int | None = None,
 ) -> ModelInfo:
     """The model's sizes, once ``budget_bytes`` is known to hold its full-precision weights and
-    one full context of KV (less could not serve a request of the model's own context length);
-    BudgetError otherwise, its message starting with the budget so callers prefix their flag."""
+    the KV of one maximum-length request; BudgetError otherwise, its message starting with the
+    budget so callers prefix their flag.
+
+    The KV floor is one request of the server's context length (``context_len``, the
+    launcher's ``--context-length``; the model's own when None): less could never serve a
+    request the server accepts. SGLang caps a request one token below the context length
+    (``max_req_len``), so this floor also covers the runtime's, which reads that cap live.
+    ``dtype`` is SGLang's ``--dtype`` (``model_info.DTYPES``).
+    """
     info = read_model_info(model_path, dtype, device)
-    context = context_length(model_path)
+    context = context_length(model_path, context_len)
     if fp_kv_tokens(info, budget_bytes) < context:
         need = info.weight_bytes + context * info.kv_bytes_per_token
         raise BudgetError(
             f"{budget_bytes} B is too small: the weights take {info.weight_bytes} B and one "
-            f"full context ({context} tokens x {info.kv_bytes_per_token} B) needs {need} B in all"
+            f"maximum-length request ({context} tokens x {info.kv_bytes_per_token} B) needs "
+            f"{need} B in all"
         )
     return info
 
 
-def plan_kv_tokens(model_path: str, cfg: MorphConfig, dtype: str, device: str) -> KVPlan:
+def plan_kv_tokens(
+    model_path: str, cfg: MorphConfig, dtype: str, device: str, context_len: int | None = None
+) -> KVPlan:
     """Reserve KV for the largest capacity the budget can ever give.
 
     The reservation assumes quantized layers cost nothing (an upper bound, so it never runs
     short); the runtime then limits the usable part to what the budget allows exactly.
     Without morphing (policy off) the reservation is just the full-precision capacity.
+    ``dtype`` and ``context_len`` are the server's ``--dtype`` and ``--context-length``.
     """
     budget = cfg.memory_budget_bytes
     assert budget is not None
-    info = check_budget(model_path, budget, dtype, device)
+    info = check_budget(model_path, budget, dtype, device, context_len)
     fp_tokens = fp_kv_tokens(info, budget)
     if not cfg.enabled:
         return KVPlan(fp_tokens, fp_tokens, info.kv_bytes_per_token, info.weight_bytes)

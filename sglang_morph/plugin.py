@@ -4,15 +4,22 @@
 the launcher published a morph configuration, so plain ``python -m sglang.launch_server`` is
 untouched by having sglang-morph installed. In the scheduler process the hooks build one
 MorphRuntime after the model is loaded and call its ``tick()`` at the scheduler's safe point.
+
+``hooks(cfg)`` is the one list of what the plugin attaches: the launcher resolves every target
+before SGLang starts, and the scheduler checks each one carries its hook before it serves,
+because SGLang's HookRegistry only logs a hook it cannot attach and serves on without it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from sglang_morph.compat import MorphSetupError, check_sglang_version
-from sglang_morph.config import KV_KEY, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.compat import MorphSetupError, check_hooks_attached, check_sglang_version
+from sglang_morph.config import COMMAND_KEY_PREFIX, MorphConfig
+from sglang_morph.faults import Faults
 
 logger = logging.getLogger("sglang_morph")
 
@@ -23,6 +30,37 @@ INTERNAL_STATE = (
 TOKEN_ALLOCATOR = "sglang.srt.mem_cache.allocator.token.TokenToKVPoolAllocator"
 
 _runtime = None  # the scheduler process's MorphRuntime (one scheduler rank per process)
+_registered: list[tuple[str, object]] = []  # (target, hook) as register() registered them
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One SGLang target the plugin attaches to, and how (a HookType name)."""
+
+    target: str
+    kind: str
+    fn: Callable | None
+    """The hook; None for the elastic allocator class, imported only when registered."""
+
+
+def hooks(cfg: MorphConfig) -> list[Hook]:
+    """Every hook ``cfg`` needs; the allocator is replaced only when a budget sizes KV."""
+    out = [
+        Hook(f"{SCHEDULER}.__init__", "AFTER", _after_scheduler_init),
+        Hook(f"{SCHEDULER}.get_next_batch_to_run", "AROUND", _around_next_batch),
+        Hook(f"{SCHEDULER}.run_batch", "AROUND", _around_run_batch),
+        Hook(f"{SCHEDULER}.handle_generate_request", "AFTER", _after_generate_request),
+        Hook(f"{INTERNAL_STATE}.get_internal_state", "AFTER", _after_get_state),
+        Hook(f"{INTERNAL_STATE}.set_internal_state", "AROUND", _around_set_state),
+    ]
+    if cfg.memory_budget_bytes is not None and cfg.enabled:
+        out.insert(0, Hook(TOKEN_ALLOCATOR, "REPLACE", None))
+    return out
+
+
+def hook_targets(cfg: MorphConfig) -> list[str]:
+    """The dotted SGLang paths ``cfg``'s hooks attach to (checked by the launcher)."""
+    return [h.target for h in hooks(cfg)]
 
 
 def register() -> None:
@@ -39,18 +77,18 @@ def register() -> None:
 
     from sglang_morph.kv.elastic_allocator import ElasticTokenToKVPoolAllocator
 
-    if cfg.memory_budget_bytes is not None and cfg.enabled:
-        HookRegistry.register(TOKEN_ALLOCATOR, ElasticTokenToKVPoolAllocator, HookType.REPLACE)
-    HookRegistry.register(f"{SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER)
-    HookRegistry.register(f"{SCHEDULER}.get_next_batch_to_run", _around_next_batch, HookType.AROUND)
-    HookRegistry.register(f"{SCHEDULER}.run_batch", _around_run_batch, HookType.AROUND)
-    HookRegistry.register(
-        f"{SCHEDULER}.handle_generate_request", _after_generate_request, HookType.AFTER
-    )
-    HookRegistry.register(f"{INTERNAL_STATE}.get_internal_state", _after_get_state, HookType.AFTER)
-    HookRegistry.register(
-        f"{INTERNAL_STATE}.set_internal_state", _around_set_state, HookType.AROUND
-    )
+    planned = hooks(cfg)
+    try:
+        missing = Faults.from_env().missing_hook()
+    except ValueError:  # malformed: the runtime raises it at start-up, naming the variable
+        missing = None
+    if missing is not None:
+        planned.append(Hook(missing, "AFTER", _after_generate_request))
+    _registered.clear()
+    for hook in planned:
+        fn = ElasticTokenToKVPoolAllocator if hook.fn is None else hook.fn
+        HookRegistry.register(hook.target, fn, HookType[hook.kind])
+        _registered.append((hook.target, fn))
 
 
 def _after_scheduler_init(result, scheduler, *args, **kwargs) -> None:
@@ -58,10 +96,13 @@ def _after_scheduler_init(result, scheduler, *args, **kwargs) -> None:
 
     Any failure here (an RL checkpoint that cannot be run included) propagates and stops the
     scheduler: the server never starts half-configured or with another policy than asked for.
+    A registered hook that SGLang could not attach is such a failure (MorphSetupError naming
+    the target and the pinned SGLang version).
     """
     global _runtime
     from sglang_morph.runtime import MorphRuntime
 
+    check_hooks_attached(_registered)
     _runtime = MorphRuntime(scheduler, MorphConfig.from_env())
     logger.warning("sglang-morph runtime active in scheduler process: %s", _runtime.summary())
 
@@ -94,7 +135,7 @@ def _around_set_state(original, controller, recv_req, *args, **kwargs):
     """Operator swaps arrive on SGLang's set_internal_state channel as numeric entries
     ``{"morph.layer.<id>": <format bits>}`` (the channel carries numbers only)."""
     args_in = recv_req.server_args or {}
-    swaps = {k: v for k, v in args_in.items() if k.startswith(SWAP_KEY_PREFIX) or k == KV_KEY}
+    swaps = {k: v for k, v in args_in.items() if k.startswith(COMMAND_KEY_PREFIX)}
     if not swaps or _runtime is None:
         return original(controller, recv_req, *args, **kwargs)
     from sglang.srt.managers.io_struct import SetInternalStateReqOutput

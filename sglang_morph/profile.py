@@ -6,10 +6,21 @@ MorphServe swaps the least important layers first. This measures, on calibration
   changes little, so errors in it matter less);
 * ``quant_output_cosine``: cosine between a layer's full-precision and quantized outputs on the
   same input (how much quantization perturbs that layer alone);
-* ``greedy``: the paper's greedy order. Step j quantizes, on top of the j-1 layers already
-  chosen, each remaining layer in turn and keeps the one whose addition leaves the final hidden
-  state (the LM head's input) closest to full precision. Conditioning on the chosen set catches
-  interactions that per-layer scores miss. ``layer_order`` is this order.
+* ``greedy`` (method ``lis``): the paper's greedy order. Step j quantizes, on top of the j-1
+  layers already chosen, each remaining layer in turn and keeps the one whose addition leaves
+  the final hidden state (the LM head's input) closest to full precision. Conditioning on the
+  chosen set catches interactions that per-layer scores miss;
+* ``greedy_kl`` (method ``greedy-kl``): the same greedy search scored on what is served, the
+  output: each step keeps the layer whose addition gives the least mean per-token KL(full
+  precision || quantized) of the next-token distributions;
+* ``selection`` (method ``best``, the default): both orders scored on the validation part of
+  the evaluation sample (``hf_model.evaluation_text``; never its test part, which ``python -m
+  eval.quality`` reports on), keeping the order with the lower mean log-perplexity over the
+  k = 1..L-1 that differ between orders (a server may sit at any k).
+
+Both orders are always built (``orders``, so ``python -m eval.quality`` can compare them);
+``method`` is the one asked for, ``order_method`` the method whose order ships as
+``layer_order`` (for ``best``, the one chosen).
 
 It also records each layer's bytes per format and the latency of its four SGLang linears per
 format and token count (attention and norms do not depend on the format), for the runtime and
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import track
+from transformers import PreTrainedTokenizerBase
 
 from sglang_morph.cli import UsageError, exit_with, output_path, positive_int, read_input
 from sglang_morph.config import QUANTIZED_FORMATS, add_quant_args
@@ -43,9 +56,12 @@ from sglang_morph.hf_model import (
     HFLayerQuantizer,
     TokenText,
     decoder_layers,
+    evaluation_text,
     load_model,
     load_tokenizer,
+    next_token_logprobs,
     sample_text,
+    score_text,
     search_act_scales,
     tokenize_stories,
 )
@@ -55,6 +71,7 @@ from sglang_morph.quant.matmul import quantized_matmul
 from sglang_morph.quant.quantize import quantize_weight
 
 TOKEN_COUNTS = (1, 8, 32, 128)
+METHODS = ("lis", "greedy-kl", "best")
 _CONSOLE = Console(stderr=True)
 
 
@@ -173,13 +190,17 @@ def build_profile(
     progress: bool = True,
     samples: int = 16,
     seed: int = 0,
+    method: str = "best",
 ) -> dict:
-    """The profile JSON of ``model_path`` (default: the embedded stories260K).
+    """The profile JSON of ``model_path`` (default: the embedded stories260K), its order built
+    by ``method`` (one of ``METHODS``, module docstring).
 
     Without a ``calibration`` file the text is ``samples`` stories of up to 256 tokens sampled
     from the model with ``seed``: more samples or another seed show whether the order is a
     property of the model or of one calibration sample.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; accepted: {', '.join(METHODS)}")
     path = resolve_model(model_path)
     model = load_model(path)
     if calibration is None:
@@ -192,7 +213,18 @@ def build_profile(
     swapper = HFLayerQuantizer(model, group_size, {fmt: act_scales} if act_scales else None)
     runner = _Runner(swapper, text, fmt)
     layers = _layer_entries(runner, act_scales, token_counts, latency_repeats, progress)
-    greedy = _greedy_order(runner, progress)
+    searches: dict = {
+        "greedy": _greedy_order(runner, progress),
+        "greedy_kl": greedy_kl_order(swapper, text.sequences, fmt, progress),
+    }
+    orders = {
+        "lis": [entry["layer"] for entry in searches["greedy"]],
+        "greedy-kl": [entry["layer"] for entry in searches["greedy_kl"]],
+    }
+    chosen = method
+    if method == "best":
+        searches["selection"] = _select(swapper, load_tokenizer(path), fmt, orders)
+        chosen = searches["selection"]["chosen"]
     swapper.set_formats({})
 
     profile = {
@@ -208,8 +240,11 @@ def build_profile(
             "torch_threads": torch.get_num_threads(),
         },
         "layers": layers,
-        "greedy": greedy,
-        "layer_order": [entry["layer"] for entry in greedy],
+        **searches,
+        "method": method,
+        "order_method": chosen,
+        "orders": orders,
+        "layer_order": orders[chosen],
     }
     if act_scales is not None:
         profile["act_scales"] = {
@@ -230,8 +265,9 @@ def _layer_entries(
     swapper = runner.swapper
     _, fp_states = runner.run(frozenset())
     layers = []
-    for i in track(range(swapper.num_layers), "per-layer scores", disable=not progress,
-                   console=_CONSOLE):
+    for i in track(
+        range(swapper.num_layers), "per-layer scores", disable=not progress, console=_CONSOLE
+    ):
         _, q_states = runner.run(frozenset({i}))
         layers.append(
             {
@@ -270,6 +306,69 @@ def _greedy_order(runner: _Runner, progress: bool) -> list[dict]:
     return greedy
 
 
+@torch.no_grad()
+def greedy_kl_order(
+    swapper: HFLayerQuantizer, sequences: list[torch.Tensor], fmt: str, progress: bool = False
+) -> list[dict]:
+    """The greedy order on the output (module docstring): at each step the layer whose
+    quantization, on top of those already chosen, gives the least mean per-token KL(full
+    precision || quantized) on ``sequences`` (ties to the lower id). Each step records every
+    candidate's KL, so the choice can be checked."""
+    num_layers = swapper.num_layers
+    swapper.set_formats({})
+    fp = [next_token_logprobs(swapper.model, seq) for seq in sequences]
+    chosen: list[int] = []
+    steps = []
+    for step in track(
+        range(1, num_layers + 1), "greedy-kl order", disable=not progress, console=_CONSOLE
+    ):
+        kls = {}
+        for c in range(num_layers):
+            if c not in chosen:
+                swapper.set_formats({i: fmt for i in [*chosen, c]})
+                kls[c] = score_text(swapper.model, sequences, fp)["kl"]
+        best = min(kls, key=lambda c: (kls[c], c))
+        chosen.append(best)
+        candidates = {str(c): kl for c, kl in kls.items()}
+        steps.append({"step": step, "layer": best, "final_kl": kls[best], "candidates": candidates})
+    swapper.set_formats({})
+    return steps
+
+
+@torch.no_grad()
+def _select(
+    swapper: HFLayerQuantizer,
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: str,
+    orders: dict[str, list[int]],
+) -> dict:
+    """Each order's ppl and KL curves (k = 0..L) on the validation text and the one chosen: the
+    lower mean log-perplexity over k = 1..L-1 (ties to the first order, lis)."""
+    text = evaluation_text(tokenizer, "validation")
+    swapper.set_formats({})
+    fp = [next_token_logprobs(swapper.model, seq) for seq in text.sequences]
+    curves: dict[str, dict] = {}
+    for name, order in orders.items():
+        results = []
+        for k in range(len(order) + 1):
+            swapper.set_formats({i: fmt for i in order[:k]})
+            results.append(score_text(swapper.model, text.sequences, fp))
+        inner = [math.log(r["ppl"]) for r in results[1:-1]] or [0.0]
+        curves[name] = {
+            "ppl": [r["ppl"] for r in results],
+            "kl": [r["kl"] for r in results],
+            "mean_log_ppl": sum(inner) / len(inner),
+        }
+    swapper.set_formats({})
+    chosen = min(curves, key=lambda name: curves[name]["mean_log_ppl"])
+    return {
+        "text": {"source": text.source, "sha256": text.sha256, "tokens": text.tokens},
+        "rule": "lowest mean log-perplexity over k = 1..L-1 on the validation text",
+        "curves": curves,
+        "chosen": chosen,
+    }
+
+
 def check_inputs(args: argparse.Namespace) -> Path:
     """The output path, once the model and the calibration file are known to be readable;
     UsageError naming the option that cannot be used."""
@@ -291,10 +390,19 @@ def main(argv: list[str] | None = None) -> None:
         help="<|endoftext|>-separated text file (default: text sampled from the model, seed 0)",
     )
     parser.add_argument(
-        "--samples", type=positive_int, default=16,
+        "--samples",
+        type=positive_int,
+        default=16,
         help="sampled calibration stories (no --calibration)",
     )
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="best",
+        help="lis: greedy on the final hidden state; greedy-kl: greedy on the output's KL; "
+        "best: both, keeping the better on validation text",
+    )
     parser.add_argument("--out", required=True, help="profile JSON to write")
     args = parser.parse_args(argv)
     try:
@@ -309,14 +417,22 @@ def main(argv: list[str] | None = None) -> None:
         args.calibration,
         samples=args.samples,
         seed=args.seed,
+        method=args.method,
     )
     out.write_text(json.dumps(profile, indent=1) + "\n")
     for entry in profile["greedy"]:
         _CONSOLE.print(
-            f"step {entry['step']}: layer {entry['layer']} "
+            f"lis step {entry['step']}: layer {entry['layer']} "
             f"final-hidden cosine {entry['final_hidden_cosine']:.6f}"
         )
-    _CONSOLE.print(f"layer_order {profile['layer_order']} -> {out}")
+    for entry in profile["greedy_kl"]:
+        _CONSOLE.print(
+            f"greedy-kl step {entry['step']}: layer {entry['layer']} KL {entry['final_kl']:.6f}"
+        )
+    for name, curve in profile.get("selection", {}).get("curves", {}).items():
+        ppl = " ".join(f"{p:.4f}" for p in curve["ppl"])
+        _CONSOLE.print(f"validation {name} {profile['orders'][name]}: ppl by k {ppl}")
+    _CONSOLE.print(f"layer_order {profile['layer_order']} ({profile['order_method']}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,21 @@ from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot, build_snapshot
 from rl_controller.rl_policy import RLPolicy
 from sglang_morph import scheduler_view
-from sglang_morph.config import FORMAT_BITS, KV_KEY, SWAP_KEY_PREFIX, MorphConfig
+from sglang_morph.config import (
+    FORMAT_BITS,
+    KV_KEY,
+    PROVISIONAL_TTFT_SLO_S,
+    SWAP_KEY_PREFIX,
+    TPOT_KEY,
+    TTFT_KEY,
+    MorphConfig,
+)
 from sglang_morph.faults import Faults
 from sglang_morph.iterations import IterationLog
 from sglang_morph.memory import kv_tokens_for
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 from sglang_morph.timings import Timings
+from sglang_morph.tp_sync import TPSync
 
 logger = logging.getLogger("sglang_morph")
 
@@ -43,6 +52,12 @@ class MorphRuntime:
 
     def __init__(self, scheduler, cfg: MorphConfig) -> None:
         self.scheduler = scheduler
+        self.tp = TPSync.from_scheduler(scheduler)
+        """Under --tp-size > 1: rank 0 decides, every rank commits in the same pass, and the
+        budget is split between the ranks (``sglang_morph.tp_sync``)."""
+        self.tp_ready: dict[int, str] = {}
+        """Under TP, the layers every rank may commit in this pass (layer -> format)."""
+        cfg = cfg if self.tp is None else self.tp.rank_config(cfg)
         self.cfg = cfg
         self.model = scheduler.tp_worker.model_runner.model
         self.num_layers = len(self.model.model.layers)
@@ -53,7 +68,9 @@ class MorphRuntime:
         self._fallback_logged_s = -math.inf
         self.last_error: str | None = None
         self.frozen = False
-        self.iterations = IterationLog(cfg.extra.get("iteration_log"))
+        self.iterations = IterationLog(
+            cfg.extra.get("iteration_log") if self.tp is None or self.tp.is_source else None
+        )  # one log per TP group: the other ranks run the same iterations
         self.clock = LoadClock(start_s=time.perf_counter())
         self.decisions = Timings()
         self.last_decision_s = -math.inf
@@ -62,13 +79,26 @@ class MorphRuntime:
         self.swapper = None
         self.kv = None
         self.controller: Controller | None = None
-        self.observing = cfg.policy in ("manual", "heuristic", "rl")
+        self.observing = cfg.policy in ("manual", "heuristic", "rl") and (
+            self.tp is None or self.tp.is_source
+        )
         """Snapshots are taken every tick under these policies; under ``manual`` nothing
         decides, but ``/morph/state`` shows what a policy would see (the engine environment
         reads it)."""
         self.layer_order = list(range(self.num_layers - 1, -1, -1))
         self.profile = None
         self.kv_limit = None
+        self.kv_fraction = 1.0
+        self.wanted_kv_fraction = 1.0
+        """The controller's last KV fraction; applied by ``_settle`` (under TP: rank 0's, once
+        every rank has it, so all apply it in the same pass)."""
+        self.agreed_kv_fraction = 1.0
+        self.kv_limit_changes = 0
+        self.ttft_slo_s = cfg.ttft_slo_s or PROVISIONAL_TTFT_SLO_S
+        self.tpot_slo_s = cfg.tpot_slo_s or math.inf
+        self.targets_source = (
+            "--morph-ttft-slo" if cfg.ttft_slo_s else "provisional until the warm-up probe"
+        )
         self.kv_bytes_per_token = _kv_bytes_per_token(scheduler)
         self.base_weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.metrics = None
@@ -124,8 +154,11 @@ class MorphRuntime:
         return self.base_weight_bytes - self.swappable_fp_bytes + self.swapper.device_bytes(formats)
 
     def _kv_target(self, formats: list[str]) -> int:
-        """KV capacity for ``formats``: what the budget allows, capped by an operator's limit."""
+        """KV capacity for ``formats``: what the budget allows, times the policy's KV fraction,
+        capped by an operator's limit."""
         tokens = self._budget_capacity(formats)
+        if self.kv_fraction < 1.0:
+            tokens = int(tokens * self.kv_fraction)
         if self.kv_limit is not None:
             tokens = min(tokens, self.kv_limit)
         return self.kv.quantize_tokens(tokens)
@@ -174,13 +207,17 @@ class MorphRuntime:
 
         While morphing is frozen only the size holders are kept in step: quarantined KV slots
         still retire as their requests finish, and SGLang's idle leak check compares the pool
-        against the scheduler's size.
+        against the scheduler's size. Under TP every rank first agrees with the others, also
+        while frozen: the collectives must be called in every pass on every rank.
         """
+        if self.tp is not None:
+            self.tp.exchange(self)
         if self.frozen:
             if self.kv is not None:
                 self.kv.sync_holders()
             return
         self.guarded(self.tick)
+        self.tp_ready = {}
 
     def tick(self) -> None:
         """One scheduler iteration boundary: decide, then move toward the decision."""
@@ -210,7 +247,10 @@ class MorphRuntime:
             quantized_layers=self.quantized_layers(),
             num_layers=self.num_layers,
             tokens_per_layer=self.tokens_per_layer(),
-            ttft_slo_s=self.cfg.ttft_slo_s,
+            ttft_slo_s=self.ttft_slo_s,
+            tpot_slo_s=self.tpot_slo_s,
+            decode_iteration_s=self.iterations.median_decode_s() or 0.0,
+            kv_budget_tokens=self._budget_capacity(self.formats()) if self.kv else 0,
         )
         return build_snapshot(raw, self.clock, now)
 
@@ -226,6 +266,7 @@ class MorphRuntime:
         self.last_target = decision.target
         if decision.target != sum(f != "fp" for f in self.desired):
             self.set_target_quantized(decision.target)
+        self.wanted_kv_fraction = decision.kv_fraction
 
     def _count(self, decision: Decision, now: float) -> None:
         """The runtime's counters of a decision; fallbacks are logged at most once per
@@ -252,6 +293,11 @@ class MorphRuntime:
 
     def _settle(self) -> None:
         """Advance every layer toward its desired format within the memory budget."""
+        fraction = self.wanted_kv_fraction if self.tp is None else self.agreed_kv_fraction
+        if self.kv is not None and fraction != self.kv_fraction:
+            self.kv_fraction = fraction
+            self.kv_limit_changes += 1
+            self.kv.request(self._kv_target(self.formats()))
         if self.kv is not None and not self.kv.complete:
             self.kv.step()
         current = self.formats()
@@ -264,7 +310,7 @@ class MorphRuntime:
                 self.last_error = f"preparing layer {i} for {want} failed, retrying: {failure!r}"
                 logger.warning("sglang-morph: %s", self.last_error)
                 continue
-            if not self.swapper.ready(i):
+            if not self.swapper.ready(i) or (self.tp and self.tp_ready.get(i) != want):
                 continue
             after = list(self.formats())
             after[i] = want
@@ -302,6 +348,8 @@ class MorphRuntime:
         scheduler knows: the policy in force and the layer ids.
         """
         try:
+            if self._set_targets(swaps):
+                return True
             if self.cfg.policy in ("heuristic", "rl"):
                 raise ValueError(
                     f"the {self.cfg.policy} policy owns the layer formats; manual swaps need "
@@ -334,6 +382,24 @@ class MorphRuntime:
             self.last_error = str(err)
             logger.warning("morph swap refused: %s", err)
             return False
+
+    def _set_targets(self, entries: dict[str, float]) -> bool:
+        """Apply latency targets (POST /morph/targets) under any policy; True when the entries
+        held nothing else. The first targets the launcher's probe sends end the provisional
+        period; a harness's SLO replaces them."""
+        ttft, tpot = entries.pop(TTFT_KEY, None), entries.pop(TPOT_KEY, None)
+        if ttft is None and tpot is None:
+            return False
+        self.ttft_slo_s = float(ttft) if ttft is not None else self.ttft_slo_s
+        self.tpot_slo_s = float(tpot) if tpot is not None else self.tpot_slo_s
+        self.targets_source = "POST /morph/targets"
+        logger.warning(
+            "sglang-morph controller targets: TTFT %.1f ms, TPOT %s",
+            1000 * self.ttft_slo_s,
+            "none" if math.isinf(self.tpot_slo_s) else f"{1000 * self.tpot_slo_s:.2f} ms",
+        )
+        self.last_error = None
+        return not entries
 
     def _set_kv_limit(self, tokens: int) -> None:
         """An operator's KV capacity limit (manual policy); 0 removes it."""
@@ -407,9 +473,15 @@ class MorphRuntime:
             "kv_used_tokens": int(committed - available - evictable),
             "kv_evictable_tokens": evictable,
             "kv_quarantined_tokens": int(self.kv.alloc.quarantined_size()) if self.kv else 0,
+            "kv_pool_resident_bound_bytes": (
+                self.kv.pages.resident_bound_bytes() if self.kv else None
+            ),
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "device_bytes_in_use": self.weight_bytes() + committed * self.kv_bytes_per_token,
             "kv_limit_tokens": self.kv_limit,
+            "kv_limit_fraction": self.kv_fraction,
+            "kv_limit_changes": self.kv_limit_changes,
+            "kv_budget_tokens": self._budget_capacity(self.formats()) if self.kv else None,
             "kv_resize_complete": self.kv.complete if self.kv else True,
             "queue_len": len(s.waiting_queue),
             "running_reqs": len(scheduler_view.active_requests(s)),
@@ -422,10 +494,13 @@ class MorphRuntime:
             "fallbacks": self.fallbacks,
             "fallback_reason": self.fallback_reason,
             "clipped_actions": self.clipped_actions,
+            "ttft_slo_s": self.ttft_slo_s,
+            "tpot_slo_s": None if math.isinf(self.tpot_slo_s) else self.tpot_slo_s,
+            "targets_source": self.targets_source,
             "decision_s_median": self.decisions.median(),
             "last_observation": (
                 None if snap is None
-                else {**dataclasses.asdict(snap), "target": self.last_target}
+                else {**_json_safe(dataclasses.asdict(snap)), "target": self.last_target}
             ),
         }
 
@@ -483,6 +558,12 @@ def _make_controller(cfg: MorphConfig, faults: Faults) -> Controller:
     return Controller(faults.wrap_policy(RLPolicy.load(path)), HeuristicPolicy(), checkpoint=path)
 
 
+def _json_safe(values: dict) -> dict:
+    """Non-finite floats as None: JSON has no infinity (an unset TPOT target is one)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in values.items()}
+
+
 def _kv_bytes_per_token(scheduler) -> int:
     pool = scheduler.token_to_kv_pool_allocator.get_kvcache()
     k = pool.k_buffer
@@ -490,4 +571,7 @@ def _kv_bytes_per_token(scheduler) -> int:
 
 
 def _context_len(scheduler) -> int:
-    return int(scheduler.model_config.context_len)
+    """The KV floor: one maximum-length request, min(context length, the longest request the
+    scheduler admits, ``max_req_len`` = min(context - 1, pool - 1) in SGLang 0.5.23). Less KV
+    could strand a request the scheduler accepted; it never accepts a longer one."""
+    return min(int(scheduler.model_config.context_len), int(scheduler.max_req_len))

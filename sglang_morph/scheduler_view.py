@@ -85,6 +85,9 @@ def raw_load(
     num_layers: int,
     tokens_per_layer: int,
     ttft_slo_s: float,
+    tpot_slo_s: float,
+    decode_iteration_s: float,
+    kv_budget_tokens: int,
 ) -> RawLoad:
     """The scheduler's load for ``rl_controller.observation.build_snapshot``.
 
@@ -110,4 +113,7 @@ def raw_load(
         quantized_layers=quantized_layers,
         num_layers=num_layers,
         tokens_per_layer=tokens_per_layer,
+        tpot_slo_s=tpot_slo_s,
+        decode_iteration_s=decode_iteration_s,
+        kv_budget_tokens=kv_budget_tokens,
     )

@@ -116,6 +116,7 @@ class FakeScheduler:
         for name in SIZE_HOLDER_NAMES:
             setattr(self, name, SimpleNamespace(max_total_num_tokens=pool_tokens))
         self.model_config = SimpleNamespace(context_len=context_len)
+        self.max_req_len = min(context_len, pool_tokens) - 1  # as SGLang's tp_worker sets it
         self.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
         self._rows = iter(range(max_running))
 

@@ -178,6 +178,13 @@ def test_outputs_on_synthetic_results(tmp_path: Path, monkeypatch: pytest.Monkey
         (["--resume", "/no/such/run"], "not a run directory"),
         (["--resume", "/tmp", "--out", "/tmp/x"], "not allowed with argument"),
         (["--reps", "two"], "invalid int value"),
+        (["--window", "segments:600"], "use python -m eval.sweep --windows segments:600"),
+        (["--window", "random:0:20"], "random:N:LEN[:SEED]"),
+        (["--profile", "random:x"], "random or random:SEED"),
+        (["--systems", "fp,static-k:9"], "K must be 0..5"),
+        (["--systems", "fp,static-k:two"], "static-k:K for a fixed K"),
+        (["--systems", "fp,static-k"], "add morph-heuristic to --systems"),
+        (["--slo", "guess"], "invalid choice: 'guess'"),
     ],
 )
 def test_bad_input_fails_before_any_server(
@@ -338,9 +345,7 @@ def test_fp_goes_first_when_slos_are_measured(tmp_path: Path) -> None:
     assert exe._order(plan, needs_calibration=False) == ["static-int4", "fp"]
 
 
-def test_user_paths_reach_servers_absolute(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_user_paths_reach_servers_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Servers run in another directory: a relative checkpoint must reach them absolute (or the
     RL policy silently never loads), and with no --port each server gets a free one."""
     monkeypatch.chdir(tmp_path)
@@ -511,16 +516,23 @@ def test_replay_ends_as_soon_as_its_server_exits() -> None:
     says why (not SGLang's clean-up after it); the requests in flight fail, no more are sent."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Hanging)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    log = ("[t] Decode batch, #running-req: 2\n[t] Subprocess scheduler_0 (pid=7) crashed with "
-           "exit code -9. Triggering SIGQUIT for cleanup...\n[t] SIGQUIT received. It usually "
-           "means one child failed.\n[t] Sleeping 5 seconds before crash diagnostics to let GPU "
-           "activity settle.\n[t] kill_process_tree called\n")  # SGLang 0.5.23's, abridged
-    server = types.SimpleNamespace(url=f"http://127.0.0.1:{httpd.server_address[1]}",
-                                   proc=_ExitingProc(0.5), tail=lambda lines=40: log)
+    log = (
+        "[t] Decode batch, #running-req: 2\n[t] Subprocess scheduler_0 (pid=7) crashed with "
+        "exit code -9. Triggering SIGQUIT for cleanup...\n[t] SIGQUIT received. It usually "
+        "means one child failed.\n[t] Sleeping 5 seconds before crash diagnostics to let GPU "
+        "activity settle.\n[t] kill_process_tree called\n"
+    )  # SGLang 0.5.23's, abridged
+    server = types.SimpleNamespace(
+        url=f"http://127.0.0.1:{httpd.server_address[1]}",
+        proc=_ExitingProc(0.5),
+        tail=lambda lines=40: log,
+    )
     requests = (TraceRequest(0.0, 5, 5), TraceRequest(0.1, 5, 5), TraceRequest(60.0, 5, 5))
-    plan = types.SimpleNamespace(trace=types.SimpleNamespace(requests=requests),
-                                 prompts=[[5] * 5] * 3,
-                                 args=types.SimpleNamespace(request_timeout=120.0))
+    plan = types.SimpleNamespace(
+        trace=types.SimpleNamespace(requests=requests),
+        prompts=[[5] * 5] * 3,
+        args=types.SimpleNamespace(request_timeout=120.0),
+    )
     run = SystemRun("fp", 0)
     started = time.monotonic()
     try:
@@ -529,9 +541,11 @@ def test_replay_ends_as_soon_as_its_server_exits() -> None:
         _Hanging.release.set()
         httpd.shutdown()
     assert time.monotonic() - started < 5
-    assert run.failure == ("server exited with status -9 during the replay: [t] Subprocess "
-                           "scheduler_0 (pid=7) crashed with exit code -9. Triggering SIGQUIT "
-                           "for cleanup...")
+    assert run.failure == (
+        "server exited with status -9 during the replay: [t] Subprocess "
+        "scheduler_0 (pid=7) crashed with exit code -9. Triggering SIGQUIT "
+        "for cleanup..."
+    )
     assert len(run.records) == 2 and not any(r.ok for r in run.records)  # the 3rd: never sent
 
 
@@ -587,23 +601,33 @@ def test_server_lifecycle_reaches_the_whole_process_group(
 
 @pytest.mark.slow
 def test_end_to_end_against_real_servers(tmp_path: Path) -> None:
-    """A short, light window replayed to fp and static-int4 servers (each on a free port):
-    every request completes."""
+    """A short, light window replayed to fp, static-int4 and static-k:2 servers (each on a
+    free port, all with the shipped LIS profile and the fixed SLOs): every request completes,
+    and static-k:2 served the profile's first two layers in int4 (swapped before the replay)."""
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "eval.run", "--trace", "azure-code", "--window", "0:20",
-        "--time-scale", "1", "--systems", "fp,static-int4", "--out", str(out),
+        "--time-scale", "1", "--systems", "fp,static-int4,static-k:2", "--out", str(out),
         "--request-timeout", "60",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["trace"]["requests"] > 0 and summary["slo"]["ttft_s"] > 0
-    for name in ("fp", "static-int4"):
+    for name in ("fp", "static-int4", "static-k:2"):
         row = summary["systems"][name]
         assert SYSTEM_FIELDS <= set(row)
         assert row["failed"] == 0 and row["completed"] == summary["trace"]["requests"]
+        assert row["per_rep"][0]["send_lag_p99_s"] is not None
     assert summary["systems"]["static-int4"]["quantized_layers_at_start"] == 5
+    assert summary["systems"]["static-k:2"]["quantized_layers_at_start"] == 2
+    assert summary["systems"]["static-k:2"]["transitions"] == 0  # nothing moved during the replay
+    state = json.loads((out / "static-k:2" / "rep0.json").read_text())["state_start"]
+    lis = json.loads((REPO / "checkpoints/profiles/stories260K-int4.json").read_text())
+    quantized = {x["id"] for x in state["layers"] if x["format"] == "int4"}
+    assert quantized == set(lis["layer_order"][:2])  # the first two of the shipped LIS order
+    assert summary["slo"]["how"].startswith("fixed: eval/slos.json")
+    assert summary["profile"].startswith("lis (shipped")
     assert (out / "report.md").exists() and (out / "ttft_cdf.png").exists()
 
 
@@ -642,9 +666,10 @@ def test_resume_after_the_harness_is_killed(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     fp_file = first.read_bytes()
-    assert not (out / "summary.json").exists() or "static-int4" not in json.loads(
-        (out / "summary.json").read_text()
-    )["systems"]
+    assert (
+        not (out / "summary.json").exists()
+        or "static-int4" not in json.loads((out / "summary.json").read_text())["systems"]
+    )
 
     resume = [sys.executable, "-m", "eval.run", "--resume", str(out)]
     done = subprocess.run(resume, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -657,3 +682,217 @@ def test_resume_after_the_harness_is_killed(tmp_path: Path) -> None:
         assert SYSTEM_FIELDS <= set(row)
         assert row["failed"] == 0 and row["completed"] == summary["trace"]["requests"]
     assert "starting fp" not in done.stderr and "starting static-int4" in done.stderr
+
+
+def _lagged(records: list[RequestRecord], lag_s: float) -> list[RequestRecord]:
+    for r in records:
+        r.sent_s = r.arrival_s + lag_s
+    return records
+
+
+def test_reps_give_intervals_ratios_per_pair_and_flag_lagging_reps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_quality(monkeypatch, [])
+    plan = _plan(tmp_path, "fp,static-int4,morph-heuristic", "--reps", "3")
+    runs = {
+        "fp": [SystemRun("fp", r, _records(0.4 + 0.2 * r, 0.05, failed=2)) for r in range(3)],
+        "static-int4": [SystemRun("static-int4", r, _records(0.2, 0.05)) for r in range(3)],
+        "morph-heuristic": [
+            SystemRun("morph-heuristic", 0, _records(0.1, 0.05)),
+            SystemRun("morph-heuristic", 1, _records(0.3, 0.05, failed=1)),
+            SystemRun("morph-heuristic", 2, _lagged(_records(0.1, 0.05), 0.08)),
+        ],
+    }
+    summary = exe.finish(plan, runs, [], [], False)
+    morph = summary["systems"]["morph-heuristic"]
+    assert [r["valid"] for r in morph["per_rep"]] == [True, True, False]
+    assert morph["per_rep"][2]["send_lag_p99_s"] == pytest.approx(0.08)
+    assert "80.0 ms > 50 ms" in morph["per_rep"][2]["invalid"]
+    assert summary["invalid_reps"] == [
+        {"system": "morph-heuristic", "rep": 2, "reason": morph["per_rep"][2]["invalid"]}
+    ]
+    # Mean and interval over the two valid reps only: violations 0 and 1/8.
+    assert morph["valid_reps"] == 2
+    assert morph["mean"]["slo_violation_rate"] == pytest.approx(1 / 16)
+    lo, hi = morph["ci95"]["slo_violation_rate"]
+    assert lo == pytest.approx(1 / 16 - 12.7062 * (0.125 / 2**0.5) / 2**0.5)
+    assert hi == pytest.approx(1 / 16 + 12.7062 * (0.125 / 2**0.5) / 2**0.5)
+    fp = summary["systems"]["fp"]
+    assert fp["ci95"]["ttft_p95_s"][0] < fp["mean"]["ttft_p95_s"] == pytest.approx(0.6)
+    # Ratios per rep pair: fp's p95 TTFT 0.4 and 0.6 against morph's 0.1 and 0.3.
+    vs = summary["vs_fp"]["morph-heuristic"]
+    assert [r["rep"] for r in vs["per_rep"]] == [0, 1] and vs["n"] == 2
+    assert [r["p95_ttft_speedup"] for r in vs["per_rep"]] == pytest.approx([4.0, 2.0])
+    assert vs["mean"]["p95_ttft_speedup"] == pytest.approx(3.0)
+    # Violations: fp 2/8 and 8/8 (TTFT 0.6 > 0.5), morph 0 and 1/8: (100% + 87.5%) / 2.
+    assert vs["mean"]["violation_reduction_pct"] == pytest.approx(93.75)
+    assert summary["vs_fp"]["static-int4"]["mean"]["quality_cost_vs_static_int4"] == 1.0
+
+    report = (tmp_path / "report.md").read_text()
+    assert "Repetitions: 3, means with 95% t intervals" in report
+    assert "morph-heuristic rep 2 INVALID: client send lag p99 80.0 ms" in report
+    assert (
+        "| morph-heuristic | 2 | +93.8% [+14.3%, +173.2%] | 3.00x [-9.71x, 15.71x] | - |" in report
+    )
+    assert "morph-heuristic rep 2: p99 80.0 ms, max 80.0 ms INVALID" in report
+
+    one = build_summary(_plan(tmp_path / "one", "fp"), {"fp": runs["fp"][:1]}, False)
+    assert one["systems"]["fp"]["ci95"]["slo_violation_rate"] is None
+    from eval.report import markdown
+
+    assert "Repetitions: 1 (one rep: no confidence intervals)" in markdown(one)
+
+
+def test_static_k_searches_the_smallest_k_then_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """static-k bisects K on rep 0 (K=2 reaches morph-heuristic's 25% violations, K=1 does
+    not), keeps the K=2 try as rep 0's result, saves K in the plan, and runs rep 1 at K=2."""
+    _fake_quality(monkeypatch, [])
+    plan = _plan(tmp_path, "fp,static-k,morph-heuristic", "--reps", "2")
+    swaps: list = []
+    started: list = []
+
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
+        failed = {"fp": 4, "morph-heuristic": 2}.get(run.system, max(0, 4 - (plan.static_k or 0)))
+        run.records.extend(_records(0.1, 0.01, failed=failed))
+
+    _fake_servers(monkeypatch, replay, started)
+    monkeypatch.setattr(exe, "quantize_first", lambda url, k: swaps.append(k))
+    assert exe.execute(plan) == 0
+    assert started == [("fp", 0), ("morph-heuristic", 0), ("static-k", 0), ("static-k", 0),
+                       ("fp", 1), ("morph-heuristic", 1), ("static-k", 1)]  # fmt: skip
+    assert swaps == [2, 1, 2]
+    assert json.loads((tmp_path / "plan.json").read_text())["static_k"] == 2
+    kept = json.loads((tmp_path / "static-k" / "rep0.json").read_text())
+    assert sum(r["error"] is not None for r in kept["records"]) == 2  # the K=2 try
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["systems"]) == ["fp", "morph-heuristic", "static-k"]
+    row = summary["systems"]["static-k"]
+    assert row["k"] == 2 and row["slo_violation_rate"] == 0.25
+    assert any("static-k: K=2, the smallest K" in n and "K=1: 37.5%" in n for n in summary["notes"])
+    assert exe._order(plan, False) == ["fp", "morph-heuristic", "static-k"]
+    assert "| static-k (K=2) | 16 |" in (tmp_path / "report.md").read_text()
+
+
+def test_static_k_fixed_k_swaps_before_the_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _plan(tmp_path, "static-k:3")
+    assert servers.system_flags("static-k:3", 100, "x")[:2] == ["--morph-policy", "manual"]
+    order: list = []
+
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
+        order.append("replay")
+        run.records.extend(_records(0.1, 0.01))
+
+    _fake_servers(monkeypatch, replay)
+    monkeypatch.setattr(exe, "quantize_first", lambda url, k: order.append(("swap", k)))
+    _fake_quality(monkeypatch, [])
+    assert exe.execute(plan) == 0
+    assert order == [("swap", 3), "replay"]
+    assert json.loads((tmp_path / "summary.json").read_text())["systems"]["static-k:3"]["k"] == 3
+
+    def refused(url: str, k: int) -> None:
+        raise RuntimeError("did not settle")
+
+    monkeypatch.setattr(exe, "quantize_first", refused)
+    assert exe.execute(_plan(tmp_path / "again", "static-k:3")) == 1
+    failures = json.loads((tmp_path / "again" / "summary.json").read_text())["failures"]
+    assert failures[0]["reason"].startswith("static-k: swapping the first 3 layers to int4")
+
+
+def _make(tmp_path: Path, *argv: str) -> Plan:
+    args = runmod.build_parser().parse_args(
+        ["--window", "0:5", "--out", str(tmp_path / "run"), *argv]
+    )
+    return runmod.make_plan(args)
+
+
+def test_profile_defaults_to_the_shipped_lis_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shipped = _make(tmp_path)
+    assert shipped.profile_name == "lis (shipped checkpoints/profiles/stories260K-int4.json)"
+    assert shipped.profile_path == str(REPO / "checkpoints/profiles/stories260K-int4.json")
+    lis = json.loads((REPO / "checkpoints/profiles/stories260K-int4.json").read_text())
+    assert shipped.profile["layer_order"] == lis["layer_order"]
+    calls: list = []
+    monkeypatch.setattr(exe, "start_server", lambda *a: calls.append(a))
+    exe.launch(shipped, "fp", 0)
+    flags = calls[0][2]
+    assert flags[flags.index("--morph-profile") + 1] == shipped.profile_path
+
+    last = _make(tmp_path, "--profile", "last_to_first")
+    assert last.profile["layer_order"] == [4, 3, 2, 1, 0]
+    assert last.profile_path == str(tmp_path / "run" / "profile.json")
+    first = _make(tmp_path, "--profile", "random:3")
+    assert sorted(first.profile["layer_order"]) == [0, 1, 2, 3, 4]
+    assert (
+        _make(tmp_path, "--profile", "random:3").profile["layer_order"]
+        == first.profile["layer_order"]
+    )
+    assert first.profile_name.startswith("random (seed 3)")
+
+    def replay(plan: Plan, server: Server, run: SystemRun) -> None:
+        run.records.extend(_records(0.1, 0.01))
+
+    _fake_servers(monkeypatch, replay)
+    _fake_quality(monkeypatch, [])
+    assert exe.execute(first) == 0
+    written = json.loads((tmp_path / "run" / "profile.json").read_text())
+    assert written["layer_order"] == first.profile["layer_order"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["profile"] == first.profile_name
+    assert "Layer order (profile): random (seed 3)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_slos_are_fixed_per_model_and_machine_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eval import plan as planmod
+
+    table = json.loads(planmod.SLO_FILE.read_text())
+    entry = table["stories260K"][planmod.machine_kind()]
+    fixed = _make(tmp_path)
+    assert (fixed.slo.ttft_s, fixed.slo.tpot_s) == (entry["ttft_s"], entry["tpot_s"])
+    assert fixed.slo.how.startswith(
+        f"fixed: eval/slos.json entry stories260K/{planmod.machine_kind()}"
+    )
+    assert not fixed.slo_measured
+    doubled = _make(tmp_path, "--slo-scale", "2", "--slo-ttft", "0.3")
+    assert (doubled.slo.ttft_s, doubled.slo.tpot_s) == (0.3, 2 * entry["tpot_s"])
+    assert "the other SLO given on the command line" in doubled.slo.how
+    measured = _make(tmp_path, "--slo", "measure")
+    assert measured.slo is None and measured.slo_measured
+    assert exe._order(measured, measured.slo_measured) == ["fp", "static-int4", "morph-heuristic"]
+
+    monkeypatch.setattr(planmod, "machine_kind", lambda: "tpu-64core")
+    unknown = _make(tmp_path)
+    assert unknown.slo is None and unknown.slo_measured
+    assert unknown.notes == [
+        "no fixed SLOs for stories260K on tpu-64core in eval/slos.json: measured on the "
+        "unloaded fp server instead"
+    ]
+
+
+def test_windows_beyond_the_burstiest(tmp_path: Path) -> None:
+    from eval.plan import parse_windows
+
+    windows, how = parse_windows("segments:600", 3600.0)
+    assert windows == [(600.0 * i, 600.0 * (i + 1)) for i in range(6)]
+    assert how == "6 consecutive 600-s segments of the whole trace"
+    drawn, how = parse_windows("random:3:20:1", 3600.0)
+    assert (
+        drawn
+        == parse_windows("random:3:20:1", 3600.0)[0]
+        != parse_windows("random:3:20", 3600.0)[0]
+    )
+    assert len(drawn) == 3 and all(e - s == pytest.approx(20) and 0 <= s <= 3580 for s, e in drawn)
+    assert how == "3 random windows of 20 s (seed 1)"
+    one = _make(tmp_path, "--window", "random:1:20:4")
+    lo, hi = one.trace.meta["window"]
+    assert hi - lo == pytest.approx(20) and lo >= 0
+    assert one.trace.meta["window_how"] == "1 random window of 20 s holding requests (seed 4)"
+    assert one.trace.requests  # seed 4's first draw (3221 s) holds none: drawn again

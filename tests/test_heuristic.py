@@ -11,9 +11,17 @@ from envs.calibration import IterationModel
 from envs.morph_env import MorphEnv
 from envs.simulator import ReplicaConfig
 from eval.traces import Trace, TraceRequest
+from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
-from rl_controller.policy import ConstantPolicy, clip_action
+from rl_controller.policy import (
+    KV_FRACTIONS,
+    Action,
+    ConstantPolicy,
+    clip_action,
+    clip_kv_fraction,
+    target_layers,
+)
 
 TICK_S = 0.25
 
@@ -103,8 +111,8 @@ def test_dwell_blocks_reversal_after_restore() -> None:
                 "kv_used_tokens": 700, "kv_free_tokens": 56, "running_reqs": 3}
     policy.decide(snapshot(quantized_layers=3, kv_capacity_tokens=878))
     # A restore just happened (3 -> 2, 0.5 s ago): pressure must not flip it back yet.
-    assert policy.decide(snapshot(seconds_since_transition=0.5, **pressure)) == 2
-    assert policy.decide(snapshot(seconds_since_transition=2.5, **pressure)) > 2
+    assert target_layers(policy.decide(snapshot(seconds_since_transition=0.5, **pressure))) == 2
+    assert target_layers(policy.decide(snapshot(seconds_since_transition=2.5, **pressure))) > 2
 
 
 def test_decision_is_cheap() -> None:
@@ -120,3 +128,54 @@ def test_decision_is_cheap() -> None:
 def test_constant_policies() -> None:
     assert ConstantPolicy(0).decide(snapshot()) == 0
     assert ConstantPolicy("all").decide(snapshot()) == 5
+
+
+def test_kv_limit_steps_down_under_tpot_pressure_and_back_with_dwell() -> None:
+    """Decodes slower than the TPOT target with nobody waiting long: the limit steps down one
+    fraction at a time, never twice within the dwell; a request that waits long brings it up."""
+    policy = HeuristicPolicy(kv_dwell_s=2.0)
+    slow = {"decode_iteration_s": 0.3, "tpot_slo_s": 0.2, "running_reqs": 6}
+    fractions = []
+    for t in range(8):  # half-second ticks (seconds_since_transition is the policy's clock)
+        answer = policy.decide(snapshot(seconds_since_transition=10 + 0.5 * t, **slow))
+        fractions.append(answer.kv_fraction)
+    assert fractions[0] == KV_FRACTIONS[-2]
+    assert fractions[-1] == KV_FRACTIONS[0]
+    changes = [i for i in range(1, len(fractions)) if fractions[i] != fractions[i - 1]]
+    assert all(b - a >= 4 for a, b in zip(changes, changes[1:]))  # 4 ticks = the 2 s dwell
+    waited = {**slow, "queue_len": 3, "oldest_wait_s": 0.5, "head_prefill_tokens": 10}
+    ups = [policy.decide(snapshot(seconds_since_transition=14 + 0.5 * t, **waited)).kv_fraction
+           for t in range(6)]
+    assert ups[-1] > KV_FRACTIONS[0]
+
+
+def test_kv_limit_stays_full_without_a_tpot_target() -> None:
+    policy = HeuristicPolicy()
+    for t in range(10):
+        answer = policy.decide(snapshot(seconds_since_transition=t, decode_iteration_s=9.0,
+                                        running_reqs=8))
+        assert answer.kv_fraction == 1.0  # the default target is infinite: nothing to protect
+
+
+def test_kv_fraction_is_clipped_to_the_tokens_in_use() -> None:
+    snap = snapshot(kv_budget_tokens=1000, kv_capacity_tokens=1000, kv_used_tokens=800)
+    assert clip_kv_fraction(0.5, snap) == (0.8, True)
+    assert clip_kv_fraction(0.1, snapshot(kv_budget_tokens=1000)) == (KV_FRACTIONS[0], True)
+    assert clip_kv_fraction(1.0, snap) == (1.0, False)
+
+
+def test_controller_carries_the_kv_fraction_and_refuses_non_finite_ones() -> None:
+    class Fixed:
+        name = "fixed"
+
+        def __init__(self, answer) -> None:
+            self.answer = answer
+
+        def decide(self, snap: LoadSnapshot):
+            return self.answer
+
+    snap = snapshot(kv_budget_tokens=1000, kv_used_tokens=100)
+    assert Controller(Fixed(Action(2, 0.75))).decide(snap).kv_fraction == 0.75
+    assert Controller(Fixed(3)).decide(snap).kv_fraction == 1.0
+    decision = Controller(Fixed(Action(2, float("nan"))), HeuristicPolicy()).decide(snap)
+    assert decision.fell_back and "non-finite" in decision.reason

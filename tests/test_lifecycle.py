@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from sglang_morph.client import MorphClient
-from sglang_morph.server_process import Server, free_port, port_is_free
+from sglang_morph.server_process import Server, free_port, port_is_free, process_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,21 +49,6 @@ def _alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (SGLang's scheduler and detokenizer rename
-    themselves, so they are found by parentage, not by command line)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
 def test_killed_harness_leaves_no_server_and_the_port_works_again(tmp_path: Path) -> None:
     port = free_port()
     cmd = [sys.executable, "-m", "eval.run", "--window", "0:30", "--time-scale", "1",
@@ -80,7 +65,7 @@ def test_killed_harness_leaves_no_server_and_the_port_works_again(tmp_path: Path
         assert client.health(), "the harness's server never became healthy"
         launchers = _processes_with(f"launch_server --host 127.0.0.1 --port {port}")
         assert len(launchers) == 1, f"expected one launcher on port {port}, found {launchers}"
-        server_pids = _descendants(launchers[0])
+        server_pids = process_tree(launchers[0])
         assert len(server_pids) >= 3, "launcher, scheduler and detokenizer expected"
         harness.send_signal(signal.SIGKILL)
         harness.wait(timeout=10)
@@ -106,7 +91,7 @@ def _scheduler_of(port: int) -> int:
     """The pid of the SGLang scheduler serving ``port`` (it names itself sglang::scheduler)."""
     launchers = _processes_with(f"launch_server --host 127.0.0.1 --port {port}")
     assert len(launchers) == 1, f"expected one launcher on port {port}, found {launchers}"
-    for pid in _descendants(launchers[0]):
+    for pid in process_tree(launchers[0]):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:

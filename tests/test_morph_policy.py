@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
+from sglang_morph.config import PROVISIONAL_TTFT_SLO_S
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 from sglang_morph.server_process import Server
 
@@ -42,7 +43,7 @@ def watch(server: Server, burst_done: Future) -> list[dict]:
 @pytest.fixture(scope="module")
 def heuristic():
     s = Server(["--morph-policy", "heuristic", "--morph-memory-budget", BUDGET,
-                "--morph-ttft-slo", "0.5", "--enable-metrics"])
+                "--enable-metrics"])  # no --morph-ttft-slo: the warm-up probe sets the targets
     yield s
     s.stop()
 
@@ -87,6 +88,49 @@ def test_morph_gauges_in_prometheus(heuristic):
 def test_manual_swap_refused_while_policy_decides(heuristic):
     r = heuristic.client.post("/morph/swap", {"layers": [0], "format": "int4"})
     assert r.status_code == 409 and "heuristic policy owns" in r.json()["error"]
+
+
+def test_targets_measured_at_warm_up_and_settable(heuristic):
+    deadline = time.monotonic() + 120
+    st = heuristic.client.state()
+    while st["targets_source"] != "POST /morph/targets" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        st = heuristic.client.state()
+    assert st["targets_source"] == "POST /morph/targets", "the warm-up probe never reported"
+    assert st["ttft_slo_s"] > 0 and st["tpot_slo_s"] is not None and st["tpot_slo_s"] > 0
+    assert st["ttft_slo_s"] != PROVISIONAL_TTFT_SLO_S
+    log = heuristic.log_path.read_text(errors="replace")
+    assert f"targets TTFT {1000 * st['ttft_slo_s']:.1f} ms" in log  # the probe's own line
+    assert heuristic.client.get("/health").status_code == 200
+    for bad in ({}, {"ttft_s": -1}, {"ttft_s": "fast"}, {"latency": 1}):
+        r = heuristic.client.post("/morph/targets", bad)
+        assert r.status_code == 400 and "ttft_s" in r.json()["error"], bad
+    st = heuristic.client.set_targets(ttft_s=0.5)
+    assert st["ttft_slo_s"] == 0.5 and st["tpot_slo_s"] > 0  # TPOT kept
+
+
+def test_kv_limit_protects_tpot_and_lifts_when_it_eases(heuristic):
+    """A TPOT target no decode can meet, and a TTFT target nobody waits long against: the
+    heuristic limits KV below what the budget allows while the load runs, every request still
+    completes, and the limit lifts once decodes are well inside a lax target again."""
+    heuristic.client.set_targets(ttft_s=100.0, tpot_s=1e-5)
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(burst, heuristic, 10, 60, 120)
+        seen = watch(heuristic, results)
+        done = results.result()
+    assert all(r["meta_info"]["completion_tokens"] == 120 for r in done)
+    limited = [s for s in seen if s["kv_limit_fraction"] < 1.0]
+    assert limited, "the KV limit never stepped down under TPOT pressure"
+    assert any(s["kv_capacity_tokens"] < s["kv_budget_tokens"] for s in limited)
+    heuristic.client.set_targets(ttft_s=0.5, tpot_s=10.0)
+    heuristic.client.generate("Once upon a time", 20)
+    deadline = time.monotonic() + 60
+    st = heuristic.client.state()
+    while st["kv_limit_fraction"] < 1.0 and time.monotonic() < deadline:
+        heuristic.client.generate("Once upon a time", 5)
+        st = heuristic.client.state()
+    assert st["kv_limit_fraction"] == 1.0 and st["kv_limit_changes"] >= 2
+    assert not st["frozen"] and st["device_bytes_in_use"] <= int(BUDGET)
 
 
 @pytest.mark.parametrize("content", [None, b"not a zip file"])

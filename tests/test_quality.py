@@ -70,6 +70,7 @@ def test_plot_is_written(tmp_path: Path) -> None:
         "quant_method": "rtn",
         "orders": {
             "lis": {"order": [0, 1], **curve},
+            "greedy-kl": {"order": [1, 0], **curve},
             "last_to_first": {"order": [1, 0], **curve},
             "random": {"seeds": [0], **curve, "all_orders": curve},
         },
@@ -122,8 +123,11 @@ def test_cli_report_shape(tmp_path: Path) -> None:
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     layers = profile["num_layers"]
     orders = report["orders"]
-    assert set(orders) == {"lis", "last_to_first", "random"}
-    assert orders["lis"]["order"] == profile["layer_order"]
+    assert set(orders) == {"lis", "greedy-kl", "last_to_first", "random"}
+    assert orders["lis"]["order"] == profile["orders"]["lis"]
+    assert orders["greedy-kl"]["order"] == profile["orders"]["greedy-kl"]
+    assert report["profile"]["order_method"] == profile["order_method"]
+    assert report["profile"]["layer_order"] == profile["layer_order"]
     assert orders["last_to_first"]["order"] == list(range(layers - 1, -1, -1))
     assert len(orders["random"]["orders"]) == 2
     for curve in (*orders.values(), orders["random"]["all_orders"]):
@@ -135,8 +139,11 @@ def test_cli_report_shape(tmp_path: Path) -> None:
         assert len({round(c[key][-1], 9) for c in orders.values()}) == 1
     assert orders["lis"]["kl"][0] == pytest.approx(0, abs=1e-7)
     assert all(kl > 0 for kl in orders["lis"]["kl"][1:])
-    # The exact mean over all orders at k = 1 is the mean of the single-layer figures.
+    # Each curve is its order's: the greedy-kl curve at k = 1 is its first layer alone.
     evaluator = QualityEvaluator(text_path=text)
+    first = evaluator.evaluate({profile["orders"]["greedy-kl"][0]: "int4"})
+    assert orders["greedy-kl"]["ppl"][1] == pytest.approx(first["ppl"])
+    # The exact mean over all orders at k = 1 is the mean of the single-layer figures.
     singles = [evaluator.evaluate({i: "int4"})["kl"] for i in range(layers)]
     assert orders["random"]["all_orders"]["kl"][1] == pytest.approx(sum(singles) / layers)
 
@@ -168,6 +175,30 @@ def test_compare_methods_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     # Coarser int4 groups lose more; int8 loses far less than any int4.
     rtn = [rows[("int4", "rtn", g)]["kl"] for g in (32, 64, 128)]
     assert rtn[0] < rtn[2] and rows[("int8", "rtn", None)]["kl"] < min(rtn) / 10
+
+
+def test_profile_without_both_orders_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A profile made before methods existed cannot show both orders."""
+    profile = {"format": "int4", "num_layers": 5, "layers": [], "layer_order": [0, 4, 2, 1, 3]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**profile, "orders": {"lis": [0, 4, 2, 1, 3]}}))
+    assert main(["--profile", str(path), "--out", str(tmp_path / "q.json")]) == 2
+    err = capsys.readouterr().err
+    assert "has no greedy-kl order" in err and "python -m sglang_morph.profile" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_the_evaluation_sample_splits_by_position() -> None:
+    """Validation (the first two stories) and test (the rest) partition the sample."""
+    every = QualityEvaluator().text.sequences
+    validation = QualityEvaluator(part="validation").text
+    test = QualityEvaluator(part="test").text
+    assert "validation part" in validation.source and "test part" in test.source
+    assert [s.tolist() for s in validation.sequences + test.sequences] == [
+        s.tolist() for s in every
+    ]
+    with pytest.raises(ValueError, match="unknown text part 'train'; accepted: all, validation"):
+        QualityEvaluator(part="train")
 
 
 @pytest.mark.parametrize(

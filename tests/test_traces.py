@@ -15,6 +15,8 @@ from eval.traces import (
     burstiest_window,
     load_trace,
     map_lengths,
+    request_from_row,
+    request_row,
     scale_time,
     select_window,
 )
@@ -65,7 +67,32 @@ def test_mooncake_jsonl_milliseconds(tmp_path: Path) -> None:
     ]
     trace = load_trace(_write(tmp_path, "m.jsonl", _mooncake_lines(rows)))
     assert trace.meta["format"] == "mooncake"
-    assert trace.requests[1] == TraceRequest(1.5, 10, 3)
+    assert trace.requests[1] == TraceRequest(1.5, 10, 3, (2,))
+
+
+def test_mooncake_hash_ids_survive_shaping_and_the_saved_plan(tmp_path: Path) -> None:
+    rows = [
+        {"timestamp": 0, "input_length": 1024, "output_length": 8, "hash_ids": [0, 1]},
+        {"timestamp": 2000, "input_length": 900, "output_length": 4, "hash_ids": [0, 2]},
+        {"timestamp": 3000, "input_length": 10, "output_length": 3},
+    ]
+    trace = load_trace(_write(tmp_path, "m.jsonl", _mooncake_lines(rows)))
+    assert [r.hash_ids for r in trace.requests] == [(0, 1), (0, 2), None]
+    shaped = map_lengths(scale_time(select_window(trace, 1.0, 3.0), 2.0), LengthMapping())
+    assert shaped.requests == (TraceRequest(0.5, 56, 4, (0, 2)),)
+    for request in (*trace.requests, *shaped.requests):
+        assert request_from_row(json.loads(json.dumps(request_row(request)))) == request
+    assert request_row(trace.requests[2]) == [3.0, 10, 3]  # plans without ids keep their form
+    azure = load_trace(_write(tmp_path, "a.csv", AZURE))
+    assert all(r.hash_ids is None for r in azure.requests)
+
+
+@pytest.mark.parametrize("bad", ['"0,1"', "[0, -1]", "[0, 1.5]", '["a"]'])
+def test_mooncake_bad_hash_ids_name_file_and_line(tmp_path: Path, bad: str) -> None:
+    text = f'{{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": {bad}}}\n'
+    path = _write(tmp_path, "m.jsonl", text)
+    with pytest.raises(TraceError, match=f"{path}:1: hash_ids"):
+        load_trace(path)
 
 
 def test_explicit_format_overrides_detection(tmp_path: Path) -> None:
@@ -173,3 +200,15 @@ def test_named_trace_loads_if_data_present() -> None:
         pytest.skip("azure-code trace not available here")
     assert len(trace.requests) == 8819
     assert trace.name == "azure-code"
+
+
+def test_named_mooncake_trace_has_its_hash_ids() -> None:
+    try:
+        trace = load_trace("mooncake")
+    except TraceError:
+        pytest.skip("mooncake trace not available here")
+    assert trace.name == "mooncake" and trace.meta["format"] == "mooncake"
+    assert len(trace.requests) == 3993
+    assert all(r.hash_ids for r in trace.requests)
+    first_blocks = [r.hash_ids[0] for r in trace.requests]
+    assert len(set(first_blocks)) < len(first_blocks)  # prompts share prefixes

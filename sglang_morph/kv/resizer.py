@@ -15,6 +15,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from sglang_morph.kv.elastic_allocator import ElasticTokenToKVPoolAllocator
+from sglang_morph.kv.physical import PageReleaser
 from sglang_morph.scheduler_view import request_held_slots
 
 # Objects of the scheduler that keep their own copy of the KV capacity (see the SGLang notes).
@@ -39,6 +40,7 @@ class KVResizer:
         self.alloc = alloc
         self.segment = segment_tokens
         self.min_tokens = min_tokens
+        self.pages = PageReleaser(alloc.get_kvcache())
         self.target = alloc.limit
         self.last_step_s = 0.0
         for name in SIZE_HOLDERS:
@@ -85,11 +87,15 @@ class KVResizer:
         start = time.perf_counter()
         if self.target != self.alloc.limit:
             self.alloc.set_limit(self.target)
+            self.pages.regrown(self.target)
         if self.alloc.quarantined_size() > 0:
             self._evict_cache_held()
         self.sync_holders()
+        done = self.alloc.quarantined_size() == 0
+        if done:
+            self.pages.release_above(self.alloc.limit)
         self.last_step_s = time.perf_counter() - start
-        return self.alloc.quarantined_size() == 0
+        return done
 
     @property
     def complete(self) -> bool:
