@@ -37,9 +37,9 @@ def env_from_metadata(
     engine timing, tick, or the real engine as backend), with absolute-target actions so that
     any policy can drive it.
 
-    ``windows`` default to the checkpoint's held-out windows: those it recorded, or at another
-    time scale the same held-out part of the trace cut anew; another trace has no held-out
-    part, so it is replayed whole. Windows always have the training length.
+    ``windows`` default to the checkpoint's test windows (``eval_windows``): those it recorded,
+    or at another time scale the same test part of the trace cut anew; another trace has no
+    held-out part, so it is replayed whole. Windows always have the training length.
     """
     scale = meta["time_scale"] if time_scale is None else time_scale
     name = trace or meta["trace"]
@@ -48,7 +48,8 @@ def env_from_metadata(
         if name != meta["trace"]:
             windows = split_windows(prepared, meta["window_s"], 1.0)[0]
         elif scale != meta["time_scale"]:
-            windows = split_windows(prepared, meta["window_s"], meta["train_frac"])[1]
+            held_out = meta["train_frac"] + meta.get("val_frac", 0.0)  # the test part
+            windows = split_windows(prepared, meta["window_s"], held_out)[1]
         else:
             windows = [tuple(w) for w in meta["eval_windows"]]
     return MorphEnv(

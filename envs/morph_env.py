@@ -55,6 +55,9 @@ def _calibration_file(calibration: IterationModel | str | Path | None) -> str | 
 
 TRAIN_FRAC = 0.7
 """Default share of a trace (its leading part) that training, and calibration, may replay."""
+VAL_FRAC = 0.15
+"""Default share after the training part whose windows choose among trained candidates (seeds,
+reward weights); the rest of the trace is the test part, replayed once, for the report."""
 
 
 def split_windows(
@@ -70,6 +73,17 @@ def split_windows(
         [w for w in windows if w[1] <= split],
         [w for w in windows if w[0] >= split],
     )
+
+
+def split_protocol(
+    trace: Trace, window_s: float, train_frac: float, val_frac: float
+) -> tuple[list[Window], list[Window], list[Window]]:
+    """(train, validation, test) windows by time: training in the leading ``train_frac`` of the
+    trace, validation in the next ``val_frac``, test after it; no window straddles a split."""
+    train, rest = split_windows(trace, window_s, train_frac)
+    _, test = split_windows(trace, window_s, train_frac + val_frac)
+    val = [w for w in rest if w not in test and w[1] <= trace.duration_s * (train_frac + val_frac)]
+    return train, val, test
 
 
 @dataclass

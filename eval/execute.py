@@ -71,8 +71,12 @@ def launch(plan: Plan, system: str, rep: int) -> Server:
     args = plan.args
     flags = system_flags(system, plan.budget_bytes, args.rl_checkpoint)
     if plan.slo is not None:
-        flags += ["--morph-ttft-slo", f"{plan.slo.ttft_s:.6f}",
-                  "--morph-tpot-slo", f"{plan.slo.tpot_s:.6f}"]
+        flags += [
+            "--morph-ttft-slo",
+            f"{plan.slo.ttft_s:.6f}",
+            "--morph-tpot-slo",
+            f"{plan.slo.tpot_s:.6f}",
+        ]
     flags += ["--morph-quant-method", args.quant_method, "--morph-group-size", str(args.group_size)]
     if plan.profile_path:
         flags += ["--morph-profile", plan.profile_path]

@@ -151,14 +151,23 @@ def parse_windows(
     if kind == "segments" and len(parts) == 1:
         (length,) = _numbers(text, parts, (float,))
         _fits(text, length, duration_s)
-        count = int(duration_s // length)
-        how = f"{count} consecutive {length:g}-s segments of the whole trace"
-        return [(i * length, (i + 1) * length) for i in range(count)], how
+        segments = [(i * length, (i + 1) * length) for i in range(int(duration_s // length))]
+        how = f"{len(segments)} consecutive {length:g}-s segments of the whole trace"
+        if len(arrivals):
+            ordered = sorted(arrivals)
+            held = [w for w in segments if _holds(ordered, *w)]
+            how += f", {len(segments) - len(held)} without requests left out"
+            segments = held
+        return segments, how
     try:
         start, end = (float(x) for x in text.split(":"))
     except ValueError:
         raise UsageError(f"--window must be {WINDOW_FORMS}; got {text!r}") from None
     return [(start, end)], f"--window {text}"
+
+
+def _holds(arrivals: list[float], start: float, end: float) -> bool:
+    return bisect.bisect_left(arrivals, end) > bisect.bisect_left(arrivals, start)
 
 
 def _random_starts(
@@ -168,8 +177,7 @@ def _random_starts(
     starts: list[float] = []
     for _ in range(1000 * n):
         start = round(float(rng.uniform(0, duration_s - length)), 3)
-        held = bisect.bisect_left(arrivals, start + length) > bisect.bisect_left(arrivals, start)
-        if held or not arrivals:
+        if not arrivals or _holds(arrivals, start, start + length):
             starts.append(start)
         if len(starts) == n:
             return sorted(starts)

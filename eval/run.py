@@ -58,7 +58,7 @@ def _add_trace_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trace",
         default="azure-code",
-        help="azure-code, azure-conv, or a file: "
+        help="azure-code, azure-conv, mooncake (shared prefixes), or a file: "
         "Azure 2023 CSV, BurstGPT CSV, Mooncake JSONL (default: azure-code)",
     )
     p.add_argument(

@@ -131,8 +131,19 @@ def point_argv(
     if budget is not None:
         argv += ["--budget", budget]
     if window is not None:
-        argv += ["--window", f"{window[0]:g}:{window[1]:g}"]
+        argv += ["--window", f"{window[0]}:{window[1]}"]  # every digit: the window drawn
     return argv
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether a point's eval.run completed every system-rep (a summary with SLOs, neither
+    interrupted nor listing a failure)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    done = summary.get("interrupted") is False and summary.get("slo") is not None
+    return done and not summary.get("failures")
 
 
 def sweep_point(summary: dict, point: dict) -> dict:
@@ -241,9 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = f"p{n:02d}-w{w}-ts{ts:g}-slo{ss:g}" + (f"-b{budget}" if budget else "")
             run_dir = out / name
             console.print(f"[bold]point {n + 1}/{len(grid)}[/]: {name} (log {run_dir}.log)")
-            code = _run_point(
-                point_argv(forward, run_dir, ts, ss, budget, window), out / f"{name}.log"
-            )
+            if finished(run_dir):
+                code = 0  # a sweep run again reuses its finished points
+            else:
+                argv = point_argv(forward, run_dir, ts, ss, budget, window)
+                code = _run_point(argv, out / f"{name}.log")
             point = {
                 "name": name,
                 "time_scale": ts,

@@ -1,13 +1,17 @@
 """Train the morph controller with PPO in the simulator (CleanRL style: one file, top to bottom).
 
     python -m rl_controller.train --trace azure-code --timesteps 200000 \\
-        --out checkpoints/morph-ppo.zip --seed 1 --n-envs 4 --window-s 60 --time-scale 0.25
+        --out checkpoints/morph-ppo.zip --seeds 1,2,3 --n-envs 4 --window-s 60 --time-scale 0.25
 
-The trace is cut into consecutive windows; windows in the first ``--train-frac`` of it train, the
-rest are held out and only used for the final evaluation. Writes NAME.zip (SB3 PPO),
+The trace is cut by time into consecutive windows: the first ``--train-frac`` trains, the next
+``--val-frac`` validates, the rest is the test part. One candidate is trained per seed and per
+``--quality-weights`` entry; the candidate with the highest reward on the validation windows
+(under the first quality weight, so candidates are judged alike) is kept, and only then is every
+candidate replayed once on the test windows, for the report. Writes NAME.zip (SB3 PPO),
 NAME.actor.npz (its actor for numpy, what the server loads), NAME.json (everything needed to
-rebuild the environment and check compatibility, with repository-relative paths, plus the
-held-out results) and NAME.png (training curve).
+rebuild the environment and check compatibility, with repository-relative paths, the split,
+every candidate's validation and test results and the selection) and NAME.png (the kept
+candidate's training curve).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +34,7 @@ import stable_baselines3
 import torch
 from matplotlib.figure import Figure
 from rich.console import Console
+from rich.table import Table
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
@@ -35,8 +42,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm import TqdmExperimentalWarning
 
 from envs.calibration import IterationModel, load_calibration
-from envs.episodes import env_from_metadata, evaluate_policies, print_results
-from envs.morph_env import TRAIN_FRAC, MorphEnv, Window, prepare_trace, split_windows
+from envs.episodes import PolicyResult, env_from_metadata, evaluate_policies, print_results
+from envs.morph_env import TRAIN_FRAC, VAL_FRAC, MorphEnv, Window, prepare_trace, split_protocol
 from envs.policies import standard_policies
 from envs.reward import DEFAULT_QUALITY_TABLE, RewardWeights, load_quality_table
 from envs.simulator import ReplicaConfig
@@ -45,6 +52,7 @@ from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
 from rl_controller.policy import DELTA_ACTIONS, target_layers
+from rl_controller.rl_policy import RLPolicy
 from sglang_morph.cli import (
     UsageError,
     exit_with,
@@ -83,13 +91,16 @@ class Args:
                           positive_int)
     out: str = _arg(str(DEFAULT_CHECKPOINT), "checkpoint path; .actor.npz, .json and .png go "
                     "beside it")
-    seed: int = _arg(1, "seed of PPO, the networks and the window choice")
+    seeds: str = _arg("1,2,3", "comma-separated seeds of PPO, the networks and the window "
+                      "choice: one candidate each")
     n_envs: int = _arg(4, "simulator environments stepped together", positive_int)
     window_s: float = _arg(60.0, "episode length: one window of the trace", positive_float)
     time_scale: float = _arg(0.25, "trace speed-up (eval.traces.scale_time); 1 = real time, "
                              "0.25 = the load eval.run and envs.calibrate use", positive_float)
     train_frac: float = _arg(TRAIN_FRAC, "windows inside this leading fraction of the trace train",
                              _fraction)
+    val_frac: float = _arg(VAL_FRAC, "the next fraction validates (chooses the candidate); the "
+                           "rest is the test part", _fraction)
     tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)",
                          positive_float)
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
@@ -99,7 +110,8 @@ class Args:
                         "layer-importance profile the server quantizes in (recorded; give the "
                         "server the same --morph-profile)")
     slo_weight: float = _arg(RewardWeights.slo, "reward cost of one SLO violation")
-    quality_weight: float = _arg(RewardWeights.quality, "cost of a token at quality delta 1")
+    quality_weights: str = _arg(str(RewardWeights.quality), "comma-separated costs of a token "
+                                "at quality delta 1: one candidate each (per seed)")
     transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
     learning_rate: float = _arg(1e-4, "Adam step size (small: PPO refines the cloned "
                                 "heuristic rather than leaving it)")
@@ -197,7 +209,7 @@ def portable_args(args: Args) -> dict:
             for name, value in asdict(args).items()}
 
 
-def plot_training_curve(rows: list[dict], args: Args, path: Path) -> None:
+def plot_training_curve(rows: list[dict], args: Args, seed: int, path: Path) -> None:
     """Return, SLO violation rate and quality cost per episode, each with a rolling mean:
     per-episode values are noisy, since windows differ in load."""
     steps = np.array([r["timestep"] for r in rows])
@@ -218,9 +230,20 @@ def plot_training_curve(rows: list[dict], args: Args, path: Path) -> None:
         ax.set_xlabel("timesteps (controller ticks)")
         ax.set_title(label)
     fig.suptitle(f"PPO on {args.trace} training windows (time scale {args.time_scale:g}, "
-                 f"seed {args.seed}); rolling mean of {k} episodes")
+                 f"seed {seed}); rolling mean of {k} episodes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _numbers(flag: str, text: str, kind: type) -> list:
+    """A comma-separated list of numbers from the command line; UsageError naming ``flag``."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values")
+    return values
 
 
 @dataclass(frozen=True)
@@ -229,7 +252,8 @@ class Inputs:
 
     trace: Trace
     train_windows: list[Window]
-    eval_windows: list[Window]
+    val_windows: list[Window]
+    test_windows: list[Window]
     calibration: IterationModel
     quality: tuple[float, ...]
     replica: ReplicaConfig
@@ -241,18 +265,18 @@ def load_inputs(args: Args) -> Inputs:
     the option whose file or value cannot be used, so training never starts on bad input."""
     trace = read_input("--trace", lambda: prepare_trace(args.trace, LengthMapping(),
                                                         args.time_scale))
-    train_windows, eval_windows = split_windows(trace, args.window_s, args.train_frac)
-    if not train_windows or not eval_windows:
+    train, val, test = split_protocol(trace, args.window_s, args.train_frac, args.val_frac)
+    if not train or not val or not test:
         raise UsageError(
-            f"--window-s {args.window_s:g} with --train-frac {args.train_frac:g} leaves "
-            f"{len(train_windows)} training and {len(eval_windows)} held-out windows in "
-            f"{trace.name} ({trace.duration_s:.0f} s at time scale {args.time_scale:g}); "
-            "both need at least one"
+            f"--window-s {args.window_s:g} with --train-frac {args.train_frac:g} and --val-frac "
+            f"{args.val_frac:g} leaves {len(train)} training, {len(val)} validation and "
+            f"{len(test)} test windows in {trace.name} ({trace.duration_s:.0f} s at time scale "
+            f"{args.time_scale:g}); each needs at least one"
         )
     quality = (read_input("--quality", lambda: load_quality_table(args.quality))
                if args.quality else DEFAULT_QUALITY_TABLE)
     return Inputs(
-        trace, train_windows, eval_windows,
+        trace, train, val, test,
         calibration=read_input("--calibration", lambda: load_calibration(args.calibration)),
         quality=quality,
         replica=read_input("--calibration",
@@ -261,27 +285,30 @@ def load_inputs(args: Args) -> Inputs:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Clone the heuristic, train PPO, write the checkpoint and its actor and metadata, then
-    evaluate on the held-out windows and plot the training curve. Input that cannot be used
-    exits with status 2 and one line before any training."""
-    args = parse_args(argv)
-    try:
-        inputs = load_inputs(args)
-        out = output_path("--out", args.out)
-    except UsageError as err:
-        exit_with(err)
-    # One thread: the network is tiny, and torch's thread pool on busy cores costs more than
-    # the work it splits.
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
-    console = Console()
-    mapping = LengthMapping()
+@dataclass
+class Candidate:
+    """One trained candidate: its seed and quality weight, files, training log and results."""
+
+    seed: int
+    quality_weight: float
+    path: Path
+    meta: dict
+    rows: list[dict]
+    val: PolicyResult | None = None
+    test: PolicyResult | None = None
+
+    def summary(self) -> dict:
+        return {"seed": self.seed, "quality_weight": self.quality_weight,
+                "validation": self.val.as_dict() if self.val else None,
+                "test": self.test.as_dict() if self.test else None}
+
+
+def train_candidate(
+    args: Args, inputs: Inputs, weights: RewardWeights, seed: int, path: Path, console: Console
+) -> Candidate:
+    """Clone the heuristic, train PPO for one seed and reward weights, and write the checkpoint,
+    its actor and its metadata at ``path`` (so that ``RLPolicy.load`` can run it)."""
     trace, calibration, replica = inputs.trace, inputs.calibration, inputs.replica
-    weights = RewardWeights(args.slo_weight, args.quality_weight, args.transition_weight)
-    console.print(f"{trace.name}: {len(inputs.train_windows)} training windows, "
-                  f"{len(inputs.eval_windows)} "
-                  f"held out, time scale {args.time_scale:g}; calibration: {calibration.source}")
 
     def make_env() -> MorphEnv:
         return MorphEnv(trace, inputs.train_windows, calibration=calibration, replica=replica,
@@ -293,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     model = PPO(
         "MlpPolicy", envs, learning_rate=args.learning_rate, n_steps=args.n_steps,
         batch_size=args.batch_size, n_epochs=args.n_epochs, gamma=args.gamma,
-        gae_lambda=args.gae_lambda, ent_coef=args.ent_coef, seed=args.seed, device="cpu",
+        gae_lambda=args.gae_lambda, ent_coef=args.ent_coef, seed=seed, device="cpu",
         policy_kwargs={"net_arch": [args.hidden, args.hidden]}, verbose=0,
     )
     # Warm start: clone the heuristic (one layer per tick toward its target) before PPO. From a
@@ -303,15 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     demo_env = make_env()
     demos = [heuristic_demonstration(demo_env, i) for i in range(len(inputs.train_windows))]
     warm_start = behaviour_clone(model, demos, args.bc_epochs, args.bc_learning_rate)
-    console.print(f"behaviour cloning of the heuristic: {warm_start}")
+    console.print(f"seed {seed}, quality weight {weights.quality:g}: behaviour cloning of the "
+                  f"heuristic: {warm_start}")
 
     log = EpisodeLog()
     model.learn(total_timesteps=args.timesteps, callback=log, progress_bar=True)
     train_s = time.time() - start
-    model.save(out)
-    actor = export_actor(out)
-
-    # Metadata first (RLPolicy.load checks it), then the held-out evaluation is added to it.
+    model.save(path)
+    export_actor(path)
     meta = {
         "obs_version": OBS_VERSION,
         "obs_size": OBS_SIZE,
@@ -322,11 +348,13 @@ def main(argv: list[str] | None = None) -> None:
         "num_layers": replica.num_layers,
         "trace": args.trace,
         "time_scale": args.time_scale,
-        "length_mapping": asdict(mapping),
+        "length_mapping": asdict(LengthMapping()),
         "window_s": args.window_s,
         "train_frac": args.train_frac,
+        "val_frac": args.val_frac,
         "train_windows": inputs.train_windows,
-        "eval_windows": inputs.eval_windows,
+        "val_windows": inputs.val_windows,
+        "eval_windows": inputs.test_windows,
         "tick_s": args.tick_s,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
@@ -338,9 +366,10 @@ def main(argv: list[str] | None = None) -> None:
         "reward_weights": asdict(weights),
         "args": portable_args(args),
         "timesteps": model.num_timesteps,
-        "seed": args.seed,
+        "seed": seed,
         "warm_start": warm_start,
         "train_seconds": round(train_s, 1),
+        "episodes": len(log.rows),
         "versions": {
             "stable_baselines3": stable_baselines3.__version__,
             "gymnasium": gymnasium.__version__,
@@ -349,20 +378,101 @@ def main(argv: list[str] | None = None) -> None:
             "python": platform.python_version(),
         },
     }
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Candidate(seed, weights.quality, path, meta, log.rows)
+
+
+def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: Args) -> MorphEnv:
+    """An environment over ``windows`` where every candidate is judged under the same reward
+    weights, with absolute-target actions (what ``RLPolicy.decide`` answers)."""
+    return MorphEnv(inputs.trace, windows, calibration=inputs.calibration, replica=inputs.replica,
+                    quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
+                    action_mode="target")
+
+
+def rl_result(env: MorphEnv, path: Path) -> PolicyResult:
+    rl = RLPolicy.load(path)
+    return evaluate_policies(env, {"rl": lambda: rl})[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train every candidate, keep the best on validation, then report every candidate on the
+    test windows and write the kept one with its metadata, plus the test comparison against the
+    heuristic and the static policies and its training curve. Input that cannot be used exits
+    with status 2 and one line before any training."""
+    args = parse_args(argv)
+    try:
+        seeds = _numbers("--seeds", args.seeds, int)
+        quality_weights = _numbers("--quality-weights", args.quality_weights, float)
+        inputs = load_inputs(args)
+        out = output_path("--out", args.out)
+    except UsageError as err:
+        exit_with(err)
+    # One thread: the network is tiny, and torch's thread pool on busy cores costs more than
+    # the work it splits.
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)  # SB3's rich progress bar
+    console = Console()
+    console.print(f"{inputs.trace.name}: {len(inputs.train_windows)} training, "
+                  f"{len(inputs.val_windows)} validation and {len(inputs.test_windows)} test "
+                  f"windows, time scale {args.time_scale:g}; calibration: "
+                  f"{inputs.calibration.source}; seeds {seeds}, quality weights {quality_weights}")
+    reference = RewardWeights(args.slo_weight, quality_weights[0], args.transition_weight)
+    workdir = Path(tempfile.mkdtemp(prefix="morph-train-"))
+    try:
+        # 1. Candidates, each judged on the validation windows only.
+        validation = judged(inputs, inputs.val_windows, reference, args)
+        candidates = []
+        for quality_weight in quality_weights:
+            weights = RewardWeights(args.slo_weight, quality_weight, args.transition_weight)
+            for seed in seeds:
+                path = workdir / f"q{quality_weight:g}-seed{seed}.zip"
+                c = train_candidate(args, inputs, weights, seed, path, console)
+                c.val = rl_result(validation, path)
+                console.print(f"  validation reward {c.val.reward:.1f}, violations "
+                              f"{c.val.violation_rate:.2%}")
+                candidates.append(c)
+        best = max(candidates, key=lambda c: c.val.reward)
+        # 2. The test windows, once per candidate, after the choice.
+        test = judged(inputs, inputs.test_windows, reference, args)
+        for c in candidates:
+            c.test = rl_result(test, c.path)
+        for suffix in (".zip", ".actor.npz", ".json"):  # the kept candidate's three files
+            shutil.copyfile(best.path.with_name(best.path.stem + suffix),
+                            out.with_name(out.stem + suffix))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    meta = {**best.meta, "seeds": seeds, "quality_weights": quality_weights,
+            "selection": "highest reward on the validation windows under the reference weights "
+            f"{asdict(reference)}; test windows replayed only after the choice",
+            "candidates": [c.summary() for c in candidates],
+            "selected": {"seed": best.seed, "quality_weight": best.quality_weight}}
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
-    # Held-out evaluation, in the environment rebuilt from the metadata just written.
+    # The kept policy against the heuristic and the static policies on the test windows, in
+    # the environment rebuilt from the metadata just written.
     results = evaluate_policies(env_from_metadata(meta), standard_policies(out))
-    print_results(results, f"held-out windows ({len(inputs.eval_windows)} x {args.window_s:g} s)",
-                  console)
+    print_results(results, f"test windows ({len(inputs.test_windows)} x {args.window_s:g} s), "
+                  f"seed {best.seed}, quality weight {best.quality_weight:g}", console)
+    table = Table(title="every candidate (chosen on validation; test replayed once)")
+    for column in ("seed", "quality weight", "val reward", "val violations", "test reward",
+                   "test violations", "test quality/token"):
+        table.add_column(column)
+    for c in candidates:
+        table.add_row(str(c.seed), f"{c.quality_weight:g}", f"{c.val.reward:.1f}",
+                      f"{c.val.violation_rate:.2%}", f"{c.test.reward:.1f}",
+                      f"{c.test.violation_rate:.2%}", f"{c.test.quality_per_token:.4f}")
+    console.print(table)
     meta["eval"] = [r.as_dict() for r in results]
-    meta["episodes"] = len(log.rows)
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
-    plot_training_curve(log.rows, args, out.with_suffix(".png"))
-    console.print(f"wrote {out}, {actor}, {meta_path}, {out.with_suffix('.png')} "
-                  f"({model.num_timesteps} steps in {train_s:.0f} s)")
+    plot_training_curve(best.rows, args, best.seed, out.with_suffix(".png"))
+    console.print(f"wrote {out}, {out.with_name(out.stem + '.actor.npz')}, {meta_path}, "
+                  f"{out.with_suffix('.png')} (kept seed {best.seed}, quality weight "
+                  f"{best.quality_weight:g}, {best.meta['timesteps']} steps in "
+                  f"{best.meta['train_seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,26 @@ def check_matmul(layer: dict, batches, device: torch.device, reps: int) -> list[
     return rows
 
 
+def check_staging(layer: dict, device: torch.device, reps: int) -> dict:
+    """The int4 copies moved to the device per swap: a host copy in the CPU kernel's layout
+    (repacked on every move) against one ``staged_for`` the device at start-up (a copy); the
+    two must give identical products."""
+    host = {n: quantize_weight(w.cpu().float(), "int4", GROUP_SIZE) for n, w in layer.items()}
+    staged = {n: q.staged_for(device) for n, q in host.items()}
+    x = torch.randn(4, layer["down"].shape[1], device=device, dtype=torch.bfloat16)
+    same = bool(
+        torch.equal(quantized_matmul(x, host["down"].to(device)),
+                    quantized_matmul(x, staged["down"].to(device)))
+    )  # fmt: skip
+    return {
+        "repack_per_swap_ms": 1e3
+        * timed(lambda: [q.to(device) for q in host.values()], device, reps),
+        "staged_move_ms": 1e3
+        * timed(lambda: [q.to(device) for q in staged.values()], device, reps),
+        "identical_products": same,
+    }
+
+
 # -- 2. swap --
 
 
@@ -339,6 +359,11 @@ def print_report(result: dict) -> None:
         f"{s['to_device_ms']:.2f} ms ({s['to_device_GBps']:.1f} GB/s), commit (rebind) "
         f"{s['commit_rebind_ms']:.4f} ms"
     )
+    st = result["int4_staging"]
+    print(
+        f"int4 copies to device per swap: repacked {st['repack_per_swap_ms']:.2f} ms, staged "
+        f"{st['staged_move_ms']:.2f} ms, identical products: {st['identical_products']}"
+    )
     kv = result["kv"]
     print(
         f"\nKV {kv['bytes'] / 2**20:.0f} MiB via {kv['method']}: map {kv['map_ms']:.2f} ms, "
@@ -407,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             "shapes": {n: list(s) for n, s in shapes.items()},
             "matmul": check_matmul(layer, DRY_BATCHES if dry else BATCHES, device, reps),
             "swap": check_swap(layer, device, reps),
+            "int4_staging": check_staging(layer, device, reps),
         }
         del layer
         if device.type == "cuda":

@@ -84,10 +84,11 @@ def _swap_cycles(client: MorphClient, reps: int) -> tuple[list[float], list[dict
     return stalls, gains, resize
 
 
-def run(budget: int, reps: int) -> dict:
+def run(budget: int, reps: int, model: str) -> dict:
     """Start the server, measure ``reps`` swap cycles under load, stop it; the figures."""
     start = time.perf_counter()
-    server = Server(["--morph-policy", "manual", "--morph-memory-budget", str(budget)])
+    server = Server(["--morph-policy", "manual", "--morph-memory-budget", str(budget),
+                     "--model-path", model])
     healthy_s = time.perf_counter() - start
     stop = threading.Event()
     workers = [threading.Thread(target=_decode_load, args=(server, stop))
@@ -140,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, measure, write ``--out`` and print the table."""
     p = argparse.ArgumentParser(prog="python -m sglang_morph.bench",
                                 description=__doc__.splitlines()[0])
+    p.add_argument("--model-path", default=None,
+                   help="model directory (default: the embedded stories260K; e.g. a "
+                   "`sglang_morph.tiny_model --preset gpu-ratio` model, whose weights dwarf its "
+                   "KV as on a GPU)")
     p.add_argument("--budget", default=None,
                    help="memory budget, e.g. 2100000 or 2.1MB (default: the evaluation's "
                    "default budget)")
@@ -149,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="JSON of the figures (default: runs/bench_runtime.json)")
     args = p.parse_args(argv)
     try:
-        budget = read_input("--budget", lambda: parse_budget(args.budget, resolve_model(None)))
+        model = read_input("--model-path", lambda: resolve_model(args.model_path))
+        budget = read_input("--budget", lambda: parse_budget(args.budget, model))
         out = output_path("--out", args.out)
     except UsageError as err:
         exit_with(err)
     try:
-        res = run(budget, args.reps)
+        res = run(budget, args.reps, model)
     except ServerError as err:
         exit_with(err, FAILURE_STATUS)
     out.write_text(json.dumps(res, indent=2))

@@ -27,10 +27,16 @@ from sglang_morph.iterations import read_tail
 
 
 async def _scheduler_state() -> dict | None:
+    """DP replica 0's state; with ``--dp-size`` > 1 it also lists every replica's under
+    ``replicas`` (each replica is a scheduler with its own runtime and controller). Under TP a
+    replica answers from its TP rank 0 (``sglang_morph.tp_sync``)."""
     from sglang.srt.entrypoints.http_server import get_global_state
 
     states = await get_global_state().tokenizer_manager.get_internal_state()
-    return states[0].get("morph") if states else None
+    morph = [s.get("morph") for s in states]
+    if not morph or morph[0] is None:
+        return None
+    return morph[0] if len(morph) == 1 else {**morph[0], "replicas": morph}
 
 
 async def morph_state() -> JSONResponse:

@@ -210,6 +210,8 @@ class MorphRuntime:
         against the scheduler's size. Under TP every rank first agrees with the others, also
         while frozen: the collectives must be called in every pass on every rank.
         """
+        if self.kv is not None:
+            self.kv.alloc.retire_freed_above_limit()
         if self.tp is not None:
             self.tp.exchange(self)
         if self.frozen:

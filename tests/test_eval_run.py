@@ -20,12 +20,13 @@ from aiohttp import web
 from aiohttp.test_utils import unused_port
 
 from eval import execute as exe
+from eval import plan as planmod
 from eval import run as runmod
-from eval import servers
+from eval import run_dir, servers
 from eval.metrics import Slo
-from eval.plan import Plan
+from eval.plan import Plan, parse_windows, plan_json, resume_plan
 from eval.replay import Replayer, RequestRecord
-from eval.report import comparisons
+from eval.report import comparisons, markdown
 from eval.run_dir import SystemRun
 from eval.servers import poll_state, start_server, stop_server
 from eval.summary import build_summary, system_quality, write_outputs
@@ -739,8 +740,6 @@ def test_reps_give_intervals_ratios_per_pair_and_flag_lagging_reps(
 
     one = build_summary(_plan(tmp_path / "one", "fp"), {"fp": runs["fp"][:1]}, False)
     assert one["systems"]["fp"]["ci95"]["slo_violation_rate"] is None
-    from eval.report import markdown
-
     assert "Repetitions: 1 (one rep: no confidence intervals)" in markdown(one)
 
 
@@ -773,7 +772,7 @@ def test_static_k_searches_the_smallest_k_then_keeps_it(
     assert row["k"] == 2 and row["slo_violation_rate"] == 0.25
     assert any("static-k: K=2, the smallest K" in n and "K=1: 37.5%" in n for n in summary["notes"])
     assert exe._order(plan, False) == ["fp", "morph-heuristic", "static-k"]
-    assert "| static-k (K=2) | 16 |" in (tmp_path / "report.md").read_text()
+    assert "| static-k (K=2) | 12 | 4 |" in (tmp_path / "report.md").read_text()
 
 
 def test_static_k_fixed_k_swaps_before_the_replay(
@@ -851,8 +850,6 @@ def test_profile_defaults_to_the_shipped_lis_order(
 def test_slos_are_fixed_per_model_and_machine_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from eval import plan as planmod
-
     table = json.loads(planmod.SLO_FILE.read_text())
     entry = table["stories260K"][planmod.machine_kind()]
     fixed = _make(tmp_path)
@@ -878,11 +875,12 @@ def test_slos_are_fixed_per_model_and_machine_by_default(
 
 
 def test_windows_beyond_the_burstiest(tmp_path: Path) -> None:
-    from eval.plan import parse_windows
-
     windows, how = parse_windows("segments:600", 3600.0)
     assert windows == [(600.0 * i, 600.0 * (i + 1)) for i in range(6)]
     assert how == "6 consecutive 600-s segments of the whole trace"
+    held, how = parse_windows("segments:600", 3600.0, [10.0, 700.0, 3000.0])
+    assert held == [(0.0, 600.0), (600.0, 1200.0), (3000.0, 3600.0)]  # 3000 opens the last
+    assert how.endswith(", 3 without requests left out")
     drawn, how = parse_windows("random:3:20:1", 3600.0)
     assert (
         drawn
@@ -896,3 +894,20 @@ def test_windows_beyond_the_burstiest(tmp_path: Path) -> None:
     assert hi - lo == pytest.approx(20) and lo >= 0
     assert one.trace.meta["window_how"] == "1 random window of 20 s holding requests (seed 4)"
     assert one.trace.requests  # seed 4's first draw (3221 s) holds none: drawn again
+
+
+def test_a_plan_saved_before_fixed_slos_resumes_as_it_ran(tmp_path: Path) -> None:
+    """A run directory written before fixed SLOs and the LIS default measured its SLOs and
+    quantized last to first: resuming it keeps doing so."""
+    plan = _make(tmp_path)
+    saved = plan_json(plan)
+    for key in ("slo_measured", "profile", "static_k", "notes"):
+        saved.pop(key)
+    saved["options"].pop("slo")
+    saved["slo"] = None
+    run_dir.save_plan(plan.out_dir, saved)
+    args = runmod.build_parser().parse_args(["--resume", str(plan.out_dir)])
+    resumed = resume_plan(args, {"resume"})
+    assert resumed.args.slo == "measure" and resumed.slo is None and resumed.slo_measured
+    assert resumed.profile_name == "last_to_first"
+    assert resumed.profile["layer_order"] == [4, 3, 2, 1, 0]

@@ -49,7 +49,9 @@ def test_allocator_shrink_quarantines_held_slots_and_retires_them_on_free() -> N
     assert alloc.quarantined_size() == 36 and ids(alloc.held_above_limit()) == set(range(65, 101))
     assert alloc.committed_size() == 100 and alloc.available_size() == 0
     alloc.free(held[50:])  # slots 51..100: 51..64 come back, 65..100 retire
-    assert alloc.quarantined_size() == 0 and alloc.available_size() == 14
+    assert alloc.quarantined_size() == 0  # marked at once, without a device sync
+    alloc.retire_freed_above_limit()  # the tick takes 65..100 out of the free list
+    assert alloc.available_size() == 14
     assert max(ids(alloc.alloc(14))) == 64
 
 
@@ -152,3 +154,21 @@ def test_view_reads_held_slots_of_every_holding_request() -> None:
     s.running_batch = FakeBatch([a])
     s.last_batch = FakeBatch([b], extend=True)
     assert ids(scheduler_view.request_held_slots(s)) == ids(a.slots) | ids(b.slots)
+
+
+def test_free_never_branches_on_tensor_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``free`` is SGLang's hot path: reading a tensor's value in Python (``bool``, ``item``)
+    is what would force a device synchronisation on a GPU, so it must do neither."""
+    alloc = FakeScheduler(POOL).token_to_kv_pool_allocator
+    held = alloc.alloc(100)
+    alloc.set_limit(64)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("free() read a tensor value (a device sync on a GPU)")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "__bool__", forbidden)
+        m.setattr(torch.Tensor, "item", forbidden)
+        alloc.free(held)
+    alloc.retire_freed_above_limit()
+    assert alloc.quarantined_size() == 0 and alloc.available_size() == 64

@@ -248,7 +248,8 @@ def test_replay_under_morphing_fails_nothing(workload, morphed) -> None:
     for record, request in zip(records, trace.requests, strict=True):
         assert record.output_tokens == request.output_tokens == len(record.output_ids)
     assert events["swap"] < events["shrink"] < events["lift"] < events["restore"]
-    assert events["swap"] < max(r.sent_s for r in records)  # morphing began mid-replay
+    in_flight = [r for r in records if r.sent_s < events["swap"] < r.sent_s + r.e2e_s]
+    assert in_flight  # the model changed under running requests, which all completed
     quantized = events["int4_state"]
     assert quantized["quantized_layers"] == len(LAYERS)
     assert quantized["kv_capacity_tokens"] > state["kv_capacity_tokens"]  # freed bytes -> KV

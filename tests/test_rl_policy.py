@@ -239,11 +239,22 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     csv.write_text("\n".join(rows) + "\n")
     out = tmp_path / "tiny.zip"
     train.main(["--trace", str(csv), "--timesteps", "256", "--out", str(out), "--n-envs", "2",
-                "--n-steps", "64", "--batch-size", "64", "--n-epochs", "1", "--window-s", "30"])
+                "--n-steps", "64", "--batch-size", "64", "--n-epochs", "1", "--window-s", "30",
+                "--seeds", "1,2", "--bc-epochs", "2"])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert meta["obs_version"] == OBS_VERSION and meta["timesteps"] >= 256
-    assert max(e for _, e in meta["train_windows"]) <= min(s for s, _ in meta["eval_windows"])
+    # Split by time: train < validation < test, none empty.
+    train_end = max(e for _, e in meta["train_windows"])
+    assert meta["val_windows"] and meta["eval_windows"]
+    assert train_end <= min(s for s, _ in meta["val_windows"])
+    assert max(e for _, e in meta["val_windows"]) <= min(s for s, _ in meta["eval_windows"])
+    # One candidate per seed, each reported on validation and test; the kept one is the best
+    # on validation, and it is the checkpoint written.
+    assert [c["seed"] for c in meta["candidates"]] == [1, 2] and meta["seeds"] == [1, 2]
+    assert all(c["validation"] and c["test"] for c in meta["candidates"])
+    best = max(meta["candidates"], key=lambda c: c["validation"]["reward"])
+    assert meta["selected"]["seed"] == best["seed"] == meta["seed"]
     assert [r["policy"] for r in meta["eval"]] == ["rl", "heuristic", "always-0", "always-L"]
     RLPolicy.load(out)
 

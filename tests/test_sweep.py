@@ -80,13 +80,26 @@ def test_one_point_has_no_curve_to_draw(tmp_path: Path) -> None:
 def test_point_command_lines(tmp_path: Path) -> None:
     argv = sweep.point_argv(["--systems", "fp"], tmp_path / "p", 0.5, 2.0, "2MB", (10.0, 30.0))
     assert argv == ["--systems", "fp", "--time-scale", "0.5", "--slo-scale", "2", "--out",
-                    str(tmp_path / "p"), "--budget", "2MB", "--window", "10:30"]  # fmt: skip
+                    str(tmp_path / "p"), "--budget", "2MB", "--window", "10.0:30.0"]  # fmt: skip
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "plan.json").write_text("{}")
     assert sweep.point_argv(["--systems", "fp"], tmp_path / "p", 0.5, 2.0, None, None) == [
         "--resume",
         str(tmp_path / "p"),
     ]
+
+
+def test_only_complete_points_count_as_finished(tmp_path: Path) -> None:
+    assert not sweep.finished(tmp_path)  # no summary yet
+    complete = {"interrupted": False, "slo": {"ttft_s": 0.1}, "failures": []}
+    for summary, done in [
+        (complete, True),
+        ({**complete, "interrupted": True}, False),
+        ({**complete, "slo": None}, False),  # the SLOs could not be measured
+        ({**complete, "failures": [{"system": "fp", "rep": 0, "reason": "x"}]}, False),
+    ]:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
+        assert sweep.finished(tmp_path) is done, summary
 
 
 @pytest.mark.parametrize(

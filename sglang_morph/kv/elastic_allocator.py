@@ -6,6 +6,12 @@ Only slots ``1..limit`` are handed out. Slots above the limit are either *retire
 handed out) or *quarantined* (still held by a request or the radix cache after a shrink; they
 retire when freed). Growth is visible to admission at once because SGLang reads
 ``available_size()`` live.
+
+``free`` runs in SGLang's hot path (every finished request, every evicted prefix): it marks the
+freed slots above the limit retired with a masked write and never branches on their values, so
+on a GPU it costs no device synchronisation. Those slots still join the free list there; the
+runtime takes them out at the tick (``retire_freed_above_limit``), which comes before anything
+can be allocated in a scheduler pass.
 """
 
 from __future__ import annotations
@@ -59,11 +65,14 @@ class ElasticTokenToKVPoolAllocator(TokenToKVPoolAllocator):
 
     def free(self, free_index: torch.Tensor) -> None:
         if free_index.numel() and self.free_group is None and self.limit < self.size:
-            above = free_index > self.limit
-            if bool(above.any()):
-                self.retired[free_index[above]] = True
-                free_index = free_index[~above]
+            self.retired[free_index] |= free_index > self.limit  # a masked write: no sync
         super().free(free_index)
+
+    def retire_freed_above_limit(self) -> None:
+        """Take slots freed above the limit since the last call out of the free lists (the
+        tick's side of ``free``; one device synchronisation per scheduler pass at most)."""
+        if self.limit < self.size:
+            self._retire_free_above_limit()
 
     def _retire_free_above_limit(self) -> None:
         for name in ("free_pages", "release_pages"):

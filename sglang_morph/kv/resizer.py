@@ -90,6 +90,7 @@ class KVResizer:
             self.pages.regrown(self.target)
         if self.alloc.quarantined_size() > 0:
             self._evict_cache_held()
+            self.alloc.retire_freed_above_limit()  # what the evictions freed above the limit
         self.sync_holders()
         done = self.alloc.quarantined_size() == 0
         if done:

@@ -56,6 +56,9 @@ class QuantizedWeight:
     scales: torch.Tensor
     layout: str
     input_scale: torch.Tensor | None = None
+    packed_for: str | None = None
+    """The device type whose kernel layout this copy already has while it waits on the host
+    (``staged_for``): moving it there is then a copy, never a repack."""
 
     @property
     def device(self) -> torch.device:
@@ -83,10 +86,33 @@ class QuantizedWeight:
             w = _decode_int4(unpack_int4_codes(self), self.scales, self.group_size)
         return _finish(w, self.out_features, self.in_features, self.input_scale).to(dtype)
 
+    def staged_for(self, device: torch.device | str) -> QuantizedWeight:
+        """A host copy already packed for ``device``'s kernel (pinned when it is a GPU), so that
+        every later swap to ``device`` only copies: the packing (on a GPU, an identity product
+        to read the CPU layout back, then the CUDA pack) runs once, when the copy is made."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        on = self.to(device)
+
+        def host(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            return out.copy_(t)
+
+        return replace(on, qweight=host(on.qweight), scales=host(on.scales),
+                       input_scale=host(on.input_scale), packed_for=device.type)  # fmt: skip
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
-        """This copy on ``device``, repacked when the two devices' kernels read other layouts."""
+        """This copy on ``device``, repacked when the two devices' kernels read other layouts
+        (a copy ``staged_for`` that device is only moved)."""
         device = torch.device(device)
         moved_scale = None if self.input_scale is None else self.input_scale.to(device)
+        if self.packed_for == device.type:
+            return replace(self, qweight=self.qweight.to(device, non_blocking=True),
+                           scales=self.scales.to(device, non_blocking=True),
+                           input_scale=moved_scale, packed_for=None)  # fmt: skip
         if self.fmt == "int8":
             q = self.qweight[:, : self.in_features].to(device)
             qweight, scales = _pack_int8(q, self.scales.to(device))

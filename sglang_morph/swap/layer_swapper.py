@@ -115,7 +115,8 @@ class LayerSwapper:
     def _quantize_layer(self, slot: LayerSlot, fmt: str) -> dict[str, QuantizedWeight]:
         """Quantized host copies of the layer's four linears, always from full precision: the
         device weight while the layer runs in fp, its host copy while it runs quantized (the
-        device weight is empty then)."""
+        device weight is empty then). On a GPU they are stored already packed for its kernel
+        (``staged_for``), so a swap only copies them."""
         scales = self.act_scales.get(str(slot.layer_id), {})
         out = {}
         for name, lin in slot.linears.items():
@@ -127,7 +128,8 @@ class LayerSwapper:
                 assert slot.host_fp is not None, "a quantized layer keeps its fp weights on host"
                 source = slot.host_fp[name]
             w = source.to("cpu", torch.float32)
-            out[name] = quantize_weight(w, fmt, self.group_size, input_scale=s)
+            q = quantize_weight(w, fmt, self.group_size, input_scale=s)
+            out[name] = q.staged_for(self.device)
         return out
 
     def prepare(self, layer_id: int, fmt: str) -> None:
