@@ -35,6 +35,7 @@ COLUMNS = (
     ("quality_kl", "KL", "{:.4f}"),
     ("transitions", "transitions", "{:d}"),
     ("kv_capacity_tokens_at_start", "KV tok (start)", "{:d}"),
+    ("prefix_cache_hit_rate", "prefix hit", "{:.1%}"),
 )
 
 
@@ -133,6 +134,25 @@ def failure_lines(summary: Mapping) -> list[str]:
     ]
 
 
+def served_quality_lines(summary: Mapping) -> list[str]:
+    """One line per system: the full-precision model's judgement of the tokens it served
+    (``eval.served_quality``), next to the table's per-configuration proxy."""
+    out = []
+    for name, row in summary.get("systems", {}).items():
+        sq = row.get("served_quality")
+        if not sq:
+            continue
+        if sq.get("error"):
+            out.append(f"{name}: served-token quality not measured: {sq['error']}")
+            continue
+        kl = "-" if sq.get("kl") is None else f"{sq['kl']:.4f}"
+        out.append(
+            f"{name}: served tokens judged by the fp model ({sq['sampled']} requests, "
+            f"{sq['tokens']} tokens): NLL {sq['nll']:.4f}, PPL {sq['ppl']:.3f}, KL {kl}"
+        )
+    return out
+
+
 def _interval(mean: float | None, ci: Sequence[float] | None, fmt: str) -> str:
     if mean is None:
         return "-"
@@ -198,6 +218,9 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
     for name, row in summary.get("systems", {}).items():
         cells = [_cell(row.get(key), fmt) for key, _, fmt in COLUMNS]
         lines.append(f"| {_name(name, row)} | " + " | ".join(cells) + " |")
+    served = served_quality_lines(summary)
+    if served:
+        lines += ["", "Quality of what was served:", ""] + [f"- {line}" for line in served]
     failures = failure_lines(summary)
     if failures:
         lines += ["", "Failed or invalid:", ""] + [f"- {line}" for line in failures]
@@ -325,6 +348,8 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
     for name, row in summary.get("systems", {}).items():
         table.add_row(_name(name, row), *(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS))
     console.print(table)
+    for line in served_quality_lines(summary):
+        console.print(line, markup=False)
     for line in failure_lines(summary):
         console.print(f"[red]{escape(line)}[/]")
     for name, r in comparisons(summary).items():

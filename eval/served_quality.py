@@ -25,15 +25,19 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from eval.metrics import FormatKey, format_key
-from eval.quality_eval import QualityEvaluator, shared_evaluator
+from eval.plan import Plan
 from eval.replay import RequestRecord
 from eval.run_dir import SystemRun
 from sglang_morph.hf_model import token_kl
+
+if TYPE_CHECKING:
+    from eval.quality_eval import QualityEvaluator
 
 SAMPLE_SIZE = 100
 
@@ -151,7 +155,25 @@ def system_served_quality(
     if not served:
         return None
     try:
+        # Imported only when there is something to score, like summary.py's own quality import.
+        from eval.quality_eval import shared_evaluator
+
         evaluator = shared_evaluator(model_path, group_size, quant_method, profile)
         return served_quality(evaluator, served)
     except Exception as err:  # quality is reported as missing, the latency results still stand
         return {"sampled": len(served), "error": f"{type(err).__name__}: {err}"}
+
+
+def plan_served_quality(
+    plan: Plan, runs: Sequence[SystemRun], nominal: FormatKey | None
+) -> dict | None:
+    """``system_served_quality`` with the run's model, prompts and quantization options."""
+    return system_served_quality(
+        plan.model_path,
+        runs,
+        plan.prompts,
+        nominal,
+        plan.args.group_size,
+        plan.args.quant_method,
+        plan.profile,
+    )

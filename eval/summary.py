@@ -230,6 +230,11 @@ def build_summary(
             )
             if system.partition(":")[0] == STATIC_K:
                 row["k"] = system_k(plan, system)
+            if quality:  # the final summary only: reads the model (lazy import: torch)
+                from eval.served_quality import plan_served_quality
+
+                nominal = nominal_key(plan, system)
+                row["served_quality"] = plan_served_quality(plan, system_runs, nominal)
             summary["systems"][system] = row
     summary["vs_fp"] = _vs_fp(summary["systems"])
     summary["invalid_reps"] = _invalid_reps(summary["systems"])

@@ -106,6 +106,7 @@ def run(budget: int, reps: int, model: str) -> dict:
     stalls.sort()
     resize.sort()
     return {
+        "model": Path(model).name,
         "budget_bytes": budget,
         "server_healthy_s": healthy_s,
         "decode_iteration_median_s": state["decode_iteration_median_s"],
@@ -122,7 +123,7 @@ def run(budget: int, reps: int, model: str) -> dict:
 
 def print_table(res: dict) -> None:
     """The figures a reader compares with the targets."""
-    t = Table(title="sglang-morph runtime benchmark (stories260K, CPU)")
+    t = Table(title=f"sglang-morph runtime benchmark ({res['model']}, CPU)")
     t.add_column("measure")
     t.add_column("value", justify="right")
     t.add_row("server start to healthy", f"{res['server_healthy_s']:.1f} s")

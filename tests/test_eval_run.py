@@ -630,6 +630,11 @@ def test_end_to_end_against_real_servers(tmp_path: Path) -> None:
     assert summary["slo"]["how"].startswith("fixed: eval/slos.json")
     assert summary["profile"].startswith("lis (shipped")
     assert (out / "report.md").exists() and (out / "ttft_cdf.png").exists()
+    # Served tokens judged by the fp model: what fp served costs nothing, int4's does.
+    served = {name: summary["systems"][name]["served_quality"] for name in ("fp", "static-int4")}
+    assert served["fp"]["kl"] == 0.0 and served["static-int4"]["kl"] > 0
+    assert served["static-int4"]["tokens"] > 0 and served["fp"]["sampled"] > 0
+    assert "Quality of what was served" in (out / "report.md").read_text()
 
 
 def _harness_diagnosis(proc: subprocess.Popen, stderr_path: Path, system_dir: Path) -> str:

@@ -3,19 +3,23 @@ the seeded sample, and the fp NLL / KL of served tokens against an untouched tra
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from eval.metrics import token_weights
+from eval.plan import Plan
 from eval.quality_eval import QualityEvaluator, shared_evaluator
 from eval.replay import RequestRecord
 from eval.run_dir import SystemRun
 from eval.served_quality import (
     SAMPLE_SIZE,
     ServedRequest,
+    plan_served_quality,
     sample_served,
     served_quality,
     system_served_quality,
@@ -148,3 +152,29 @@ def test_bad_and_missing_input(evaluator: QualityEvaluator) -> None:
         "sampled": 1,
         "error": "ValueError: a served request has an empty prompt: its first token has no context",
     }
+
+
+@torch.no_grad()
+def test_the_summary_entry_reads_the_plan(
+    evaluator: QualityEvaluator, fp_model: torch.nn.Module, prompt: list[int], tmp_path: Path
+) -> None:
+    """What summary.json's ``served_quality`` holds for a morphing run: the plan's prompts and
+    model, each token's configuration from the timeline (int4 everywhere from 2 s)."""
+    output = greedy_output(fp_model, prompt, 5)
+    plan = Plan(
+        trace=None,
+        systems=["morph-heuristic"],
+        model_path=resolve_model(None),
+        num_layers=5,
+        budget_bytes=0,
+        budget_how="test",
+        prompts=[[1, 2], prompt],
+        vocab=None,
+        out_dir=tmp_path,
+        args=argparse.Namespace(group_size=32, quant_method="rtn"),
+    )
+    runs = [SystemRun("morph-heuristic", 0, [record(1, 5, output)], TIMELINE)]
+    entry = plan_served_quality(plan, runs, nominal=None)
+    # The request was sent at 1 s: tokens at 2, 2.5, 3, 3.5, 4 s, all after the switch to int4.
+    expected = served_quality(evaluator, [ServedRequest(prompt, output, [ALL_INT4] * 5)])
+    assert entry == expected and entry["kl"] > 0 and entry["sampled"] == 1
