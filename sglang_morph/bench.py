@@ -39,16 +39,6 @@ LOAD_WORKERS = 2
 """Concurrent decode streams kept running, so stalls are measured while serving."""
 
 
-def _settle(client: MorphClient) -> dict:
-    """The state once every layer has its desired format and the KV resize is done."""
-    for _ in range(600):
-        st = client.state()
-        if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
-            return st
-        time.sleep(0.05)
-    raise RuntimeError("server did not settle")
-
-
 def _decode_load(server: Server, stop: threading.Event) -> None:
     """Greedy 64-token decodes back to back until ``stop``."""
     while not stop.is_set():
@@ -61,14 +51,14 @@ def _swap_cycles(client: MorphClient, reps: int) -> tuple[list[float], list[dict
     """``reps`` times: quantize each layer alone in the profile's order, then restore all at
     once. Returns every swap stall, each quantize's capacity gain against its freed tokens, and
     each quantize's KV resize step per segment."""
-    st0 = _settle(client)
+    st0 = client.wait_settled(30)
     bpt, segment = st0["kv_bytes_per_token"], st0["kv_segment_tokens"]
     stalls, gains, resize = [], [], []
     for _ in track(range(reps), description="swap / restore / resize cycles"):
         for layer in st0["layer_order"]:
-            before = _settle(client)
+            before = client.wait_settled(30)
             client.swap([layer], "int4")
-            after = _settle(client)
+            after = client.wait_settled(30)
             stalls.append(after["swap_stall_last_s"])
             fmt = after["layers"][layer]["bytes_by_format"]
             gain = after["kv_capacity_tokens"] - before["kv_capacity_tokens"]
@@ -80,7 +70,7 @@ def _swap_cycles(client: MorphClient, reps: int) -> tuple[list[float], list[dict
             })
             resize.append(after["kv_resize_last_step_s"] / gains[-1]["segments"])
         client.swap(list(range(len(st0["layers"]))), "fp")
-        stalls.append(_settle(client)["swap_stall_last_s"])
+        stalls.append(client.wait_settled(30)["swap_stall_last_s"])
     return stalls, gains, resize
 
 

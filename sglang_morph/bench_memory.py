@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rich.console import Console
@@ -44,15 +43,6 @@ def _scheduler_pid(server: Server) -> int:
     """The server's largest process: SGLang's scheduler, which holds the model and the KV."""
     pids = process_tree(server.proc.pid)[1:]
     return max(pids, key=lambda pid: rss_bytes(pid))
-
-
-def _settle(client: MorphClient) -> dict:
-    for _ in range(1200):
-        st = client.state()
-        if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
-            return st
-        time.sleep(0.05)
-    raise RuntimeError("the server did not settle within 60 s")
 
 
 def _fill(client: MorphClient, tokens: int) -> None:
@@ -105,28 +95,34 @@ def main(argv: list[str] | None = None) -> int:
         pid = _scheduler_pid(server)
         client.set_kv_limit(SMALL_LIMIT_TOKENS)
         baseline = rss_bytes(pid)
-        layers = [x["id"] for x in _settle(client)["layers"]]
+        layers = [x["id"] for x in client.wait_settled(60)["layers"]]
         for rep in range(args.reps):
             client.set_kv_limit(0)
-            st = _settle(client)
+            st = client.wait_settled(60)
             _fill(client, st["kv_capacity_tokens"])
-            rows.append(_row(rep, "fp, KV filled", _settle(client), pid, baseline))
+            rows.append(_row(rep, "fp, KV filled", client.wait_settled(60), pid, baseline))
             client.set_kv_limit(SMALL_LIMIT_TOKENS)
             rows.append(
-                _row(rep, f"fp, KV limit {SMALL_LIMIT_TOKENS}", _settle(client), pid, baseline)
+                _row(
+                    rep,
+                    f"fp, KV limit {SMALL_LIMIT_TOKENS}",
+                    client.wait_settled(60),
+                    pid,
+                    baseline,
+                )
             )
             client.set_kv_limit(0)
             client.swap(layers, "int4")
-            st = _settle(client)
+            st = client.wait_settled(60)
             _fill(client, st["kv_capacity_tokens"])
-            rows.append(_row(rep, "all int4, KV filled", _settle(client), pid, baseline))
+            rows.append(_row(rep, "all int4, KV filled", client.wait_settled(60), pid, baseline))
             client.set_kv_limit(SMALL_LIMIT_TOKENS)
             client.swap(layers, "fp")
             rows.append(
                 _row(
                     rep,
                     f"fp restored, KV limit {SMALL_LIMIT_TOKENS}",
-                    _settle(client),
+                    client.wait_settled(60),
                     pid,
                     baseline,
                 )

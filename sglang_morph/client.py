@@ -61,6 +61,18 @@ class MorphClient:
         except (requests.RequestException, ValueError):
             return None
 
+    def wait_settled(self, timeout_s: float) -> dict:
+        """The state once every layer has its desired format and the KV resize is done;
+        RuntimeError if that takes longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            st = self.state()
+            if all(x["format"] == x["desired"] for x in st["layers"]) and st["kv_resize_complete"]:
+                return st
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not settle within {timeout_s:g} s")
+            time.sleep(0.05)
+
     def iterations(self, limit: int = 100_000, timeout_s: float = 60.0) -> list[dict]:
         """``GET /morph/iterations``: up to ``limit`` of the newest scheduler-iteration records."""
         r = self.get(ITERATIONS_ROUTE, params={"limit": limit}, timeout_s=timeout_s)
