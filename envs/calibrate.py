@@ -54,7 +54,7 @@ from envs.calibration import (
     save_calibration,
 )
 from envs.morph_env import TRAIN_FRAC, prepare_trace, split_windows
-from eval.replay import Replayer, measure_unloaded, prompt_ids, usable_token_ids
+from eval.replay import Replayer, probe_prompts, prompt_ids, usable_token_ids
 from eval.servers import STATE_POLL_S
 from eval.traces import LengthMapping, Trace, TraceError, burstiest_window, select_window
 from sglang_morph.cli import (
@@ -66,6 +66,7 @@ from sglang_morph.cli import (
     read_input,
 )
 from sglang_morph.client import MorphClient, MorphRequestError
+from sglang_morph.config import UNLOADED_SLO_MULTIPLE
 from sglang_morph.data import resolve_model
 from sglang_morph.memory import parse_budget
 from sglang_morph.paths import DEFAULT_CALIBRATION
@@ -76,8 +77,8 @@ _UNKNOWN = IterationModel(_NAN, _NAN, _NAN, _NAN, _NAN, source="", response_s=_N
                           per_context_token_s=_NAN)
 """Base of ``--base none``: NaN marks what neither the samples nor a flag supplied."""
 
-SLO_MULTIPLE = 5.0
-"""TTFT SLO = this multiple of the unloaded median TTFT, as ``eval.run`` sets it by default."""
+PROBE_REQUESTS = 5
+"""Sequential requests of the unloaded-latency probe the SLO is a multiple of."""
 
 
 def _iterations(url: str) -> list[dict]:
@@ -144,13 +145,15 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
     at a time in between (see the module docstring); returns the samples file's content:
     iterations recorded meanwhile, swap stalls, replica, SLO."""
     vocab = usable_token_ids(model_path)
-    state = MorphClient(url).state()
+    client = MorphClient(url)
+    state = client.state()
     order, num_layers = state["layer_order"], len(state["layers"])
     if state["quantized_layers"]:
         raise CalibrationError("start the drive from a server with every layer in fp")
     median_in = int(statistics.median(r.input_tokens for r in loads[0].requests))
     median_out = max(2, int(statistics.median(r.output_tokens for r in loads[0].requests)))
-    ttft, tpot = asyncio.run(measure_unloaded(url, vocab, median_in, median_out))
+    probe = probe_prompts(vocab, median_in, PROBE_REQUESTS)
+    ttft, tpot = client.unloaded_latency(probe, median_out)
     before = len(_iterations(url))
     swaps, capacity = [], [int(state["kv_capacity_tokens"])]
     with Progress(console=Console(stderr=True)) as bar:
@@ -184,7 +187,7 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
             "num_layers": num_layers,
             "budget_bytes": state["budget_bytes"],
             "kv_bytes_per_token": state["kv_bytes_per_token"],
-            "ttft_slo_s": SLO_MULTIPLE * ttft,
+            "ttft_slo_s": UNLOADED_SLO_MULTIPLE * ttft,
             "unloaded_ttft_s": ttft,
             "unloaded_tpot_s": tpot,
             "unloaded_prefill_tokens": median_in,

@@ -281,6 +281,11 @@ class Simulator:
                 late += 1
         return late
 
+    @staticmethod
+    def _demand(req) -> int:
+        """What admitting ``req`` needs: its prompt plus its remaining (promised) outputs."""
+        return req.prompt + req.trace.output_tokens - req.generated
+
     def raw_load(self) -> RawLoad:
         """The replica's load now, counted as the runtime counts SGLang's
         (``sglang_morph.scheduler_view``): admission's promised decodes, the head's demand as its
@@ -292,9 +297,8 @@ class Simulator:
         return RawLoad(
             queue_len=len(waiting),
             queued_prompt_tokens=self._queued_tokens,
-            head_demand_tokens=(
-                head.prompt + head.trace.output_tokens - head.generated if head else 0
-            ),
+            head_demand_tokens=self._demand(head) if head else 0,
+            queued_demand_tokens=sum(self._demand(r) for r in waiting),
             running_reqs=len(self._running) + (self._prefilling is not None),
             kv_capacity_tokens=capacity,
             kv_held_tokens=self._kv_used,

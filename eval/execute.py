@@ -22,12 +22,13 @@ import asyncio
 import statistics
 import time
 
+import requests
 from rich.console import Console
 
 from eval import metrics, report, run_dir
 from eval.metrics import Slo
-from eval.plan import MEASURED_SLO_SCALE, PROFILE_FILE, Plan, plan_json
-from eval.replay import Replayer, measure_unloaded
+from eval.plan import PROFILE_FILE, Plan, plan_json
+from eval.replay import Replayer, probe_prompts
 from eval.run_dir import SystemRun
 from eval.servers import (
     STATIC_K,
@@ -40,7 +41,8 @@ from eval.servers import (
     system_flags,
 )
 from eval.summary import build_summary, finish, write_outputs
-from sglang_morph.client import MorphRequestError
+from sglang_morph.client import MorphClient, MorphRequestError
+from sglang_morph.config import UNLOADED_SLO_MULTIPLE
 from sglang_morph.server_process import Server, ServerError
 
 CALIBRATION_REQUESTS = 5
@@ -90,15 +92,15 @@ def launch(plan: Plan, system: str, rep: int) -> Server:
 
 def calibrate(plan: Plan, server: Server) -> Slo:
     """SLOs from the unloaded fp server (an SLO given on the command line wins)."""
-    args, requests = plan.args, plan.trace.requests
-    inp = int(statistics.median(r.input_tokens for r in requests))
-    out = max(CALIBRATION_MIN_OUTPUT, int(statistics.median(r.output_tokens for r in requests)))
-    probe = measure_unloaded(server.url, plan.vocab, inp, out, CALIBRATION_REQUESTS)
+    args, trace = plan.args, plan.trace.requests
+    inp = int(statistics.median(r.input_tokens for r in trace))
+    out = max(CALIBRATION_MIN_OUTPUT, int(statistics.median(r.output_tokens for r in trace)))
+    prompts = probe_prompts(plan.vocab, inp, CALIBRATION_REQUESTS)
     try:
-        ttft, tpot = asyncio.run(probe)
-    except RuntimeError as err:
+        ttft, tpot = MorphClient(server.url).unloaded_latency(prompts, out)
+    except (RuntimeError, requests.RequestException) as err:
         raise _NoSlo(f"the fp server's unloaded latency could not be measured: {err}") from err
-    scale = args.slo_scale or MEASURED_SLO_SCALE
+    scale = args.slo_scale or UNLOADED_SLO_MULTIPLE
     how = (
         f"{scale:g} x the fp server's unloaded median (TTFT {1000 * ttft:.1f} ms, TPOT "
         f"{1000 * tpot:.2f} ms; {CALIBRATION_REQUESTS} sequential requests of {inp} in / {out} out "

@@ -60,8 +60,6 @@ SLO_FILE = REPO_ROOT / "eval" / "slos.json"
 """Fixed SLOs per model and machine kind: a run is judged by the same targets whatever the
 machine's load at the moment, which a per-run unloaded probe is not."""
 SLO_MODES = ("fixed", "measure")
-MEASURED_SLO_SCALE = 5.0
-"""--slo measure: the SLOs are this multiple of the fp server's unloaded median by default."""
 PROFILE_FILE = "profile.json"
 """A derived profile (last_to_first, random) kept in the run directory for its servers."""
 SHIPPED_PROFILE = "lis"

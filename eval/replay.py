@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from eval.traces import TraceRequest
+from sglang_morph.client import completion_tokens, generate_payload, parse_stream_line
 from sglang_morph.model_info import read_config
 
 _PROBE_SEED = 7919
@@ -94,19 +94,6 @@ def prompt_ids(vocab: np.ndarray, length: int, index: int, seed: int = 0) -> lis
     return rng.choice(vocab, size=length).tolist()
 
 
-def generate_payload(input_ids: list[int], output_tokens: int) -> dict:
-    """The ``/generate`` body: fixed output length (ignore EOS), greedy, streamed."""
-    return {
-        "input_ids": input_ids,
-        "sampling_params": {
-            "max_new_tokens": output_tokens,
-            "ignore_eos": True,
-            "temperature": 0.0,
-        },
-        "stream": True,
-    }
-
-
 async def send_request(
     session: aiohttp.ClientSession,
     base_url: str,
@@ -130,13 +117,9 @@ async def send_request(
                 record.error = f"HTTP {response.status}: {body}"
                 return record
             async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
+                chunk = parse_stream_line(raw)
+                if chunk is None:
                     continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
                 meta = chunk.get("meta_info") or {}
                 finish = meta.get("finish_reason")
                 error = chunk.get("error")
@@ -145,7 +128,7 @@ async def send_request(
                 if error:
                     record.error = f"server error: {error}"[:300]
                     return record
-                tokens = int(meta.get("completion_tokens", 0))
+                tokens = completion_tokens(chunk)
                 if tokens > 0 and record.ttft_s is None:
                     record.ttft_s = time.perf_counter() - sent
                 record.output_tokens = max(record.output_tokens, tokens)
@@ -251,32 +234,7 @@ def _advance(bar: Progress, task_id: int, record: RequestRecord) -> None:
     bar.update(task_id, advance=1, failed=failed)
 
 
-async def measure_unloaded(
-    base_url: str,
-    vocab: np.ndarray,
-    input_tokens: int,
-    output_tokens: int,
-    count: int = 5,
-    timeout_s: float = 60.0,
-) -> tuple[float, float]:
-    """Median TTFT and TPOT of ``count`` sequential requests on an otherwise idle server.
-
-    The default SLOs are multiples of these, measured in the same run on the same machine, so a
-    report's SLO means "N times slower than this hardware's best" rather than an absolute number
-    borrowed from a GPU paper. A first warm-up request is discarded.
-    """
-    output_tokens = max(2, output_tokens)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    ttfts: list[float] = []
-    tpots: list[float] = []
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for i in range(count + 1):
-            ids = prompt_ids(vocab, input_tokens, index=i, seed=_PROBE_SEED)
-            record = RequestRecord(i, 0.0, None, input_tokens, output_tokens)
-            await send_request(session, base_url.rstrip("/"), record, ids, time.perf_counter())
-            if not record.ok or record.tpot_s is None:
-                raise RuntimeError(f"unloaded latency probe failed: {record.error}")
-            if i > 0:
-                ttfts.append(record.ttft_s)  # type: ignore[arg-type]
-                tpots.append(record.tpot_s)
-    return statistics.median(ttfts), statistics.median(tpots)
+def probe_prompts(vocab: np.ndarray, input_tokens: int, count: int) -> list[list[int]]:
+    """Prompts of an unloaded-latency probe (``MorphClient.unloaded_latency``): a warm-up and
+    ``count`` measured ones, ids distinct from any replay's so no prefix is shared with it."""
+    return [prompt_ids(vocab, input_tokens, index=i, seed=_PROBE_SEED) for i in range(count + 1)]

@@ -27,7 +27,6 @@ from rich.markup import escape
 from eval.execute import execute
 from eval.plan import (
     DEMO_WINDOW,
-    MEASURED_SLO_SCALE,
     SHIPPED_PROFILE,
     SLO_MODES,
     WINDOW_FORMS,
@@ -38,7 +37,7 @@ from eval.plan import (
 from eval.servers import DEFAULT_RL_CHECKPOINT, SYSTEMS
 from eval.traces import LengthMapping, TraceError
 from sglang_morph.cli import UsageError
-from sglang_morph.config import GROUP_SIZES, QUANT_METHODS
+from sglang_morph.config import GROUP_SIZES, QUANT_METHODS, UNLOADED_SLO_MULTIPLE
 from sglang_morph.memory import DEFAULT_FP_KV_TOKENS
 
 PROG = "python -m eval.run"
@@ -179,7 +178,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="multiple of the fixed SLOs (default: 1) or of the measured unloaded "
-        f"medians (default: {MEASURED_SLO_SCALE:g})",
+        f"medians (default: {UNLOADED_SLO_MULTIPLE:g})",
     )
     p.add_argument("--reps", type=int, default=1, help="repetitions of every system")
     p.add_argument(

@@ -41,6 +41,7 @@ class HeuristicPolicy:
         tpot_high: float = 1.0,
         tpot_low: float = 0.6,
         kv_dwell_s: float = 2.0,
+        whole_queue: bool = True,
     ) -> None:
         """
         dwell_s: least time after a transition before a restore, or before quantizing again
@@ -57,6 +58,9 @@ class HeuristicPolicy:
         tpot_high, tpot_low: the KV limit steps down when the decode iteration exceeds
             ``tpot_high`` x the TPOT target, and back up below ``tpot_low`` x (hysteresis).
         kv_dwell_s: least time between two changes of the KV limit.
+        whole_queue: size an escalation to admit every waiting request (their prompts and
+            promised decodes), not only the head: one step at a burst's onset instead of one
+            per tick while the queue grows, each tick a queued request's TTFT spends waiting.
         """
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
@@ -73,6 +77,7 @@ class HeuristicPolicy:
         self.tpot_high = tpot_high
         self.tpot_low = tpot_low
         self.kv_dwell_s = kv_dwell_s
+        self.whole_queue = whole_queue
         self._kv_level = len(KV_FRACTIONS) - 1
         self._kv_since = math.inf
 
@@ -118,14 +123,17 @@ class HeuristicPolicy:
 
         reclaimable = snap.kv_free_tokens + snap.kv_evictable_tokens
         head = snap.head_prefill_tokens if snap.queue_len > 0 else 0
-        deficit = head + snap.running_reqs * self.decode_lookahead - reclaimable
+        lookahead = snap.running_reqs * self.decode_lookahead
+        deficit = head + lookahead - reclaimable
         waited = snap.queue_len > 0 and snap.oldest_wait_s >= self.wait_frac * snap.ttft_slo_s
         decodes_short = snap.running_reqs > reclaimable
         if deficit > 0 and (waited or decodes_short):
             self._calm_s = 0.0
             if k >= snap.num_layers or (self._last_direction < 0 and since < self.dwell_s):
                 return k
-            return min(snap.num_layers, k + max(self.step, math.ceil(deficit / tpl)))
+            queue = max(head, snap.queued_demand_tokens) if snap.queue_len > 0 else 0
+            needed = max(deficit, queue + lookahead - reclaimable) if self.whole_queue else deficit
+            return min(snap.num_layers, k + max(self.step, math.ceil(needed / tpl)))
 
         # Restorable when no request waits long and the head would still fit after giving
         # the segment back, with margin. (A literal "queue empty" never holds under steady

@@ -53,6 +53,7 @@ class LoadSnapshot:
     tpot_slo_s: float = math.inf
     decode_iteration_s: float = 0.0
     kv_budget_tokens: int = 0
+    queued_demand_tokens: int = 0
 
 
 # Scales of the saturating features x / (x + scale): 0.5 at ``scale``, 0.9 at 9 * scale. Chosen
@@ -142,8 +143,9 @@ class RawLoad:
     included); ``kv_free_slots`` are unallocated usable slots; ``kv_promised_tokens`` are the
     decode tokens admission keeps for the running requests' remaining outputs.
     ``head_demand_tokens`` is what admitting the head request needs (its prompt plus its own
-    promised decodes); ``oldest_arrival_s`` is when the longest-waiting request arrived (None:
-    nothing waits). The last three fields pass through to ``LoadSnapshot`` unchanged.
+    promised decodes) and ``queued_demand_tokens`` what admitting every waiting request needs;
+    ``oldest_arrival_s`` is when the longest-waiting request arrived (None: nothing waits). The
+    last four fields pass through to ``LoadSnapshot`` unchanged.
     """
 
     queue_len: int
@@ -163,6 +165,7 @@ class RawLoad:
     tpot_slo_s: float = math.inf
     decode_iteration_s: float = 0.0
     kv_budget_tokens: int = 0
+    queued_demand_tokens: int = 0
 
 
 def build_snapshot(raw: RawLoad, clock: LoadClock, now: float) -> LoadSnapshot:
@@ -195,4 +198,5 @@ def build_snapshot(raw: RawLoad, clock: LoadClock, now: float) -> LoadSnapshot:
         tpot_slo_s=raw.tpot_slo_s,
         decode_iteration_s=raw.decode_iteration_s,
         kv_budget_tokens=raw.kv_budget_tokens or raw.kv_capacity_tokens,
+        queued_demand_tokens=max(raw.queued_demand_tokens, raw.head_demand_tokens),
     )

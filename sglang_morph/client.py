@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,6 +21,35 @@ from sglang_morph.config import (
     SWAP_ROUTE,
     TARGETS_ROUTE,
 )
+
+
+def generate_payload(input_ids: Sequence[int], max_new_tokens: int) -> dict:
+    """The streamed ``/generate`` body every latency measurement sends: greedy, EOS ignored so
+    the output has exactly ``max_new_tokens`` tokens."""
+    return {
+        "input_ids": list(input_ids),
+        "sampling_params": {
+            "max_new_tokens": max_new_tokens,
+            "ignore_eos": True,
+            "temperature": 0.0,
+        },
+        "stream": True,
+    }
+
+
+def parse_stream_line(raw: bytes) -> dict | None:
+    """One chunk of SGLang's streamed ``/generate`` answer (a ``data: {...}`` line), or None for
+    any other line (blank, ``data: [DONE]``). ValueError when the chunk is not JSON."""
+    line = raw.strip()
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    return None if data == b"[DONE]" else json.loads(data)
+
+
+def completion_tokens(chunk: dict) -> int:
+    """Output tokens a stream chunk reports so far."""
+    return int((chunk.get("meta_info") or {}).get("completion_tokens", 0))
 
 
 class MorphRequestError(RuntimeError):
@@ -124,22 +154,15 @@ class MorphClient:
         """Stream one greedy request of ``input_ids`` (EOS ignored, so it runs to
         ``max_new_tokens``) and return (TTFT, TPOT) in seconds as a client sees them; TPOT is
         None for a one-token output. RuntimeError when no token came."""
-        payload = {
-            "input_ids": list(input_ids),
-            "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
-                                "ignore_eos": True},
-            "stream": True,
-        }
+        payload = generate_payload(input_ids, max_new_tokens)
         start = time.perf_counter()
         first, tokens = None, 0
         with requests.post(self.base_url + "/generate", json=payload, stream=True,
                            timeout=timeout_s, headers=self.headers) as r:
             r.raise_for_status()
             for line in r.iter_lines():
-                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                    continue
-                count = int((json.loads(line[5:]).get("meta_info") or {})
-                            .get("completion_tokens", 0))
+                chunk = parse_stream_line(line)
+                count = completion_tokens(chunk) if chunk else 0
                 if count > 0 and first is None:
                     first = time.perf_counter() - start
                 tokens = max(tokens, count)
@@ -147,6 +170,20 @@ class MorphClient:
             raise RuntimeError("the stream ended without a token")
         total = time.perf_counter() - start
         return first, (total - first) / (tokens - 1) if tokens > 1 else None
+
+    def unloaded_latency(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> tuple[float, float]:
+        """Median TTFT and TPOT of one request per prompt, sent one after another to an
+        otherwise idle server; the first is a warm-up and not counted. Measured targets are
+        ``UNLOADED_SLO_MULTIPLE`` times these. RuntimeError when a request fails."""
+        if len(prompts) < 2:
+            raise ValueError("unloaded_latency needs a warm-up prompt and at least one more")
+        samples = [self.timed_generate(p, max(2, max_new_tokens)) for p in prompts][1:]
+        return (
+            statistics.median(s[0] for s in samples),
+            statistics.median(s[1] for s in samples if s[1] is not None),
+        )
 
     # -- plain HTTP, for routes without a method here --
 

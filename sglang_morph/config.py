@@ -36,6 +36,10 @@ TPOT_KEY = "morph.tpot_slo_s"
 PROVISIONAL_TTFT_SLO_S = 1.0
 """The TTFT target the controller uses until the warm-up probe has measured one (only when
 ``--morph-ttft-slo`` is not given)."""
+UNLOADED_SLO_MULTIPLE = 5.0
+"""A latency target measured rather than given is this multiple of the unloaded median (TTFT
+and TPOT of a few sequential requests): the rule of the server's warm-up targets, of
+``eval.run --slo measure`` and of the simulator's calibration, so all three judge alike."""
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}

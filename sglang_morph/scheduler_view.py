@@ -102,6 +102,7 @@ def raw_load(
         queue_len=len(waiting),
         queued_prompt_tokens=sum(len(r.origin_input_ids) for r in waiting),
         head_demand_tokens=admission_demand(scheduler, waiting[0]) if waiting else 0,
+        queued_demand_tokens=sum(admission_demand(scheduler, r) for r in waiting),
         running_reqs=len(active_requests(scheduler)),
         kv_capacity_tokens=kv_capacity_tokens,
         kv_held_tokens=kv_committed_tokens - free_slots - evictable,

@@ -4,7 +4,7 @@ A server started without ``--morph-ttft-slo`` would otherwise judge its queue ag
 guessed TTFT target, which on a fast model is far too lax (the controller waits for a queue it
 should have prevented) and on a slow one too strict. Once the server is healthy, the launcher
 sends a few sequential unloaded requests as a client would, takes the median TTFT and TPOT, and
-sets the targets to ``TARGET_MULTIPLE`` times them (the SLO rule the evaluation uses) through
+sets the targets to ``UNLOADED_SLO_MULTIPLE`` times them (the SLO rule the evaluation uses) through
 ``POST /morph/targets``; the scheduler logs them and ``/morph/state`` shows them with their
 source. Targets the user gave on the command line are kept.
 """
@@ -12,18 +12,17 @@ source. Targets the user gave on the command line are kept.
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 
 from sglang_morph.client import MorphClient
+from sglang_morph.config import UNLOADED_SLO_MULTIPLE
 
 logger = logging.getLogger("sglang_morph")
 
 PROBE_REQUESTS = 5
 PROBE_INPUT_TOKENS = 64
 PROBE_OUTPUT_TOKENS = 16
-TARGET_MULTIPLE = 5.0
 HEALTH_WAIT_S = 600.0
 
 
@@ -36,13 +35,13 @@ def probe_prompt(vocab_size: int, length: int = PROBE_INPUT_TOKENS) -> list[int]
 def measure_targets(
     client: MorphClient, vocab_size: int, requests: int = PROBE_REQUESTS
 ) -> tuple[float, float]:
-    """(TTFT, TPOT) targets in seconds: ``TARGET_MULTIPLE`` x the medians of ``requests``
-    sequential unloaded requests. RuntimeError when a probe request fails."""
-    prompt = probe_prompt(vocab_size)
-    samples = [client.timed_generate(prompt, PROBE_OUTPUT_TOKENS) for _ in range(requests)]
-    ttft = statistics.median(s[0] for s in samples)
-    tpot = statistics.median(s[1] for s in samples if s[1] is not None)
-    return TARGET_MULTIPLE * ttft, TARGET_MULTIPLE * tpot
+    """(TTFT, TPOT) targets in seconds: ``UNLOADED_SLO_MULTIPLE`` x the medians of
+    ``requests`` sequential unloaded requests (after one warm-up). RuntimeError when a probe
+    request fails."""
+    ttft, tpot = client.unloaded_latency(
+        [probe_prompt(vocab_size)] * (requests + 1), PROBE_OUTPUT_TOKENS
+    )
+    return UNLOADED_SLO_MULTIPLE * ttft, UNLOADED_SLO_MULTIPLE * tpot
 
 
 def _probe(client: MorphClient, vocab_size: int, keep_ttft: bool, keep_tpot: bool) -> None:
@@ -67,7 +66,7 @@ def _probe(client: MorphClient, vocab_size: int, keep_ttft: bool, keep_tpot: boo
         "unloaded requests)",
         1000 * ttft,
         1000 * tpot,
-        TARGET_MULTIPLE,
+        UNLOADED_SLO_MULTIPLE,
         PROBE_REQUESTS,
     )
 

@@ -115,6 +115,22 @@ def test_dwell_blocks_reversal_after_restore() -> None:
     assert target_layers(policy.decide(snapshot(seconds_since_transition=2.5, **pressure))) > 2
 
 
+def test_escalation_is_sized_to_admit_the_whole_queue() -> None:
+    """Five waiting requests of 200 tokens each with 56 reclaimable: sized to the head, one
+    layer (200 + 12 - 56 = 156 tokens, 2 layers of 122); sized to the queue, every layer the
+    1000 queued tokens need (capped at the model's depth)."""
+    pressure = snapshot(
+        queue_len=5, head_prefill_tokens=200, queued_demand_tokens=1000, oldest_wait_s=0.05,
+        kv_used_tokens=700, kv_free_tokens=56, running_reqs=3, quantized_layers=0,
+    )
+    assert target_layers(HeuristicPolicy(whole_queue=False).decide(pressure)) == 2
+    assert target_layers(HeuristicPolicy().decide(pressure)) == 5
+    smaller = dataclasses.replace(pressure, queued_demand_tokens=400)
+    assert target_layers(HeuristicPolicy().decide(smaller)) == 3  # 400 + 12 - 56 = 356 tokens
+    calm = dataclasses.replace(pressure, oldest_wait_s=0.0)  # waited less than the gate
+    assert target_layers(HeuristicPolicy().decide(calm)) == 0
+
+
 def test_decision_is_cheap() -> None:
     policy, snap = HeuristicPolicy(), snapshot(queue_len=3, head_prefill_tokens=100)
     n = 20_000
