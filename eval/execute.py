@@ -51,6 +51,9 @@ CALIBRATION_MIN_OUTPUT = 16
 
 SERVER_WATCH_S = 0.5
 """How often a replay checks that its server's process still runs."""
+SERVER_EXIT_GRACE_S = 10.0
+"""After a replay with failed requests, how long a launcher may take to exit and still be
+reported as the cause (SGLang's launcher exits within seconds of a child's crash)."""
 
 console = Console(stderr=True)
 
@@ -139,7 +142,13 @@ async def _replay_and_watch(replayer: Replayer, server: Server, timeline: list[d
         await asyncio.wait({replay, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if replay.done():
             replay.result()  # its exception, if any
-            return None
+            if not any(r.error for r in replayer.records):
+                return None
+            # Failed requests may be the first sign of a server going down (a dead scheduler
+            # refuses every request at once, and a short replay can end before its launcher
+            # has exited): give the launcher a moment, so the rep is failed with the reason.
+            done, _ = await asyncio.wait({watcher}, timeout=SERVER_EXIT_GRACE_S)
+            return watcher.result() if done else None
         return watcher.result()
     finally:
         for task in (poller, replay, watcher):

@@ -6,8 +6,10 @@ restore would take back is unused. Taken literally it flips every time one reque
 this version adds (1) a wait gate: memory pressure only counts once the head request has waited
 a fraction of the TTFT SLO, and "queue empty" means no request has waited that long; (2) a
 restore margin: the segment must be unused, with the head's prompt and room to spare; (3) an
-idle time before restoring and (4) a minimum dwell time between a transition and a transition
-in the other direction (or any restore). Escalating during a burst is not delayed.
+idle time before restoring and (4) dwell times: a restore waits ``dwell_s`` after any
+transition, quantizing again waits a shorter ``requantize_dwell_s`` after a restore (a burst
+that meets a restore must not wait the full dwell for capacity). Escalating during a burst is
+not delayed.
 
 The KV limit protects TPOT: when the decode iteration (the time per output token every running
 request sees) exceeds the TPOT target while no request waits long for its first token, the
@@ -33,19 +35,20 @@ class HeuristicPolicy:
         self,
         *,
         dwell_s: float = 2.0,
+        requantize_dwell_s: float = 0.5,
         restore_idle_s: float = 3.0,
         step: int = 1,
         restore_margin: float = 0.5,
         decode_lookahead: int = 4,
-        wait_frac: float = 0.25,
+        wait_frac: float = 0.15,
         tpot_high: float = 1.0,
         tpot_low: float = 0.6,
         kv_dwell_s: float = 2.0,
         whole_queue: bool = True,
     ) -> None:
         """
-        dwell_s: least time after a transition before a restore, or before quantizing again
-            right after a restore.
+        dwell_s: least time after a transition before a restore.
+        requantize_dwell_s: least time after a restore before quantizing again.
         restore_idle_s: how long the queue must have been empty with the segment unused.
         step: fewest layers quantized at once under pressure (more when the deficit needs it);
             restores always go one layer at a time.
@@ -65,6 +68,7 @@ class HeuristicPolicy:
         if step < 1:
             raise ValueError(f"step must be >= 1, got {step}")
         self.dwell_s = dwell_s
+        self.requantize_dwell_s = requantize_dwell_s
         self.restore_idle_s = restore_idle_s
         self.step = step
         self.restore_margin = restore_margin
@@ -129,7 +133,8 @@ class HeuristicPolicy:
         decodes_short = snap.running_reqs > reclaimable
         if deficit > 0 and (waited or decodes_short):
             self._calm_s = 0.0
-            if k >= snap.num_layers or (self._last_direction < 0 and since < self.dwell_s):
+            recent_restore = self._last_direction < 0 and since < self.requantize_dwell_s
+            if k >= snap.num_layers or recent_restore:
                 return k
             queue = max(head, snap.queued_demand_tokens) if snap.queue_len > 0 else 0
             needed = max(deficit, queue + lookahead - reclaimable) if self.whole_queue else deficit

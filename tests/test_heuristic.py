@@ -106,7 +106,7 @@ def test_burst_quantizes_quickly_then_restores() -> None:
 
 
 def test_dwell_blocks_reversal_after_restore() -> None:
-    policy = HeuristicPolicy(dwell_s=2.0)
+    policy = HeuristicPolicy(dwell_s=2.0, requantize_dwell_s=2.0)
     pressure = {"queue_len": 5, "head_prefill_tokens": 400, "oldest_wait_s": 0.05,
                 "kv_used_tokens": 700, "kv_free_tokens": 56, "running_reqs": 3}
     policy.decide(snapshot(quantized_layers=3, kv_capacity_tokens=878))
