@@ -7,9 +7,9 @@ this version adds (1) a wait gate: memory pressure only counts once the head req
 a fraction of the TTFT SLO, and "queue empty" means no request has waited that long; (2) a
 restore margin: the segment must be unused, with the head's prompt and room to spare; (3) an
 idle time before restoring and (4) dwell times: a restore waits ``dwell_s`` after any
-transition, quantizing again waits a shorter ``requantize_dwell_s`` after a restore (a burst
-that meets a restore must not wait the full dwell for capacity). Escalating during a burst is
-not delayed.
+transition, quantizing again waits ``requantize_dwell_s`` after a restore (settable apart:
+a shorter one lets a burst that meets a restore get its capacity back sooner, at the price of
+more transitions). Escalating during a burst is not delayed.
 
 The KV limit protects TPOT: when the decode iteration (the time per output token every running
 request sees) exceeds the TPOT target while no request waits long for its first token, the
@@ -35,12 +35,12 @@ class HeuristicPolicy:
         self,
         *,
         dwell_s: float = 2.0,
-        requantize_dwell_s: float = 0.5,
+        requantize_dwell_s: float = 2.0,
         restore_idle_s: float = 3.0,
         step: int = 1,
         restore_margin: float = 0.5,
         decode_lookahead: int = 4,
-        wait_frac: float = 0.15,
+        wait_frac: float = 0.25,
         tpot_high: float = 1.0,
         tpot_low: float = 0.6,
         kv_dwell_s: float = 2.0,
