@@ -3,7 +3,7 @@
 Two implementations plug in here: the discrete-event simulator (``envs.simulator``), used for
 training, and a real SGLang server with the morph runtime (``envs.engine_backend``); any object
 with these two methods can be passed to ``MorphEnv(backend=...)``. Keeping the interface this
-small (replay a window, advance time with a layer target) is what lets a policy
+small (replay a window, advance time with a layer target and a KV limit) is what lets a policy
 trained on one be evaluated on the other.
 """
 
@@ -50,6 +50,9 @@ class AdvanceResult:
     the (possibly much later) moment its first token arrives."""
     swapped_layers: int
     """Layers quantized or restored at the start of the tick."""
+    newly_tpot_late: int = 0
+    """Requests that finished during the tick with a mean time per output token over the TPOT
+    SLO (known only at the end, so counted then)."""
 
 
 @runtime_checkable
@@ -61,8 +64,10 @@ class ServingBackend(Protocol):
         quantized layer; returns the state at time 0."""
         ...
 
-    def advance(self, dt: float, target_layers: int) -> AdvanceResult:
+    def advance(self, dt: float, target_layers: int, kv_fraction: float = 1.0) -> AdvanceResult:
         """Switch to ``target_layers`` quantized layers (already clipped with
-        ``rl_controller.policy.clip_action``), then serve for ``dt`` seconds."""
+        ``rl_controller.policy.clip_action``) and a KV limit of ``kv_fraction`` of what the
+        budget allows at that depth (clipped with ``clip_kv_fraction``), then serve for ``dt``
+        seconds."""
         ...
 

@@ -17,15 +17,20 @@ TTFT under a burst. It follows SGLang 0.5.23's default scheduler (``event_loop_n
 - A request holds its prompt's KV from admission and one more token per decode step; all of
   it is freed when it finishes. No prefix sharing: trace requests share no tokens, so the radix
   cache holds nothing evictable here (``kv_evictable_tokens`` is always 0).
-- KV capacity = ``base_capacity_tokens + quantized_layers * tokens_per_layer``.
+- KV capacity = ``base_capacity_tokens + quantized_layers * tokens_per_layer`` (what the
+  budget allows at that depth) times the policy's KV fraction, as the runtime sizes it; a
+  fraction never cuts below the tokens in use (``clip_kv_fraction``'s rule).
 - Iteration time (the whole scheduler-loop pass) from a calibrated ``IterationModel``; a
   transition stalls the engine for ``swap_s_per_layer`` per layer swapped. A token reaches the
   client ``response_s`` after its iteration (HTTP, tokenizer manager, detokenizer): TTFTs and
-  end-to-end times include it.
+  end-to-end times include it. A finished request whose mean time per output token passed
+  the TPOT SLO counts as a TPOT violation; the snapshot carries the recent median decode
+  iteration (the runtime's ``decode_iteration_s``) for the KV-limit rule.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +40,8 @@ from envs.calibration import DEFAULT_CALIBRATION, IterationModel, load_replica
 from eval.traces import Trace, TraceRequest
 from rl_controller.clock import LoadClock
 from rl_controller.observation import LoadSnapshot, RawLoad, build_snapshot
+from sglang_morph.config import UNLOADED_SLO_MULTIPLE
+from sglang_morph.timings import Timings
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,20 @@ class ReplicaConfig:
     """SGLang 0.5.23's ``chunked_prefill_size`` on CPU."""
     ttft_slo_s: float = 0.08
     """5x the ~16 ms unloaded median TTFT measured on the engine (the notes' SLO)."""
+    tpot_slo_s: float = math.inf
+    """Mean time per output token a request may see (inf: no TPOT target, no violations)."""
 
     @classmethod
     def from_calibration(cls, path: str | Path = DEFAULT_CALIBRATION) -> ReplicaConfig:
         """The replica a calibration file was measured on (``envs.calibrate`` records its KV
-        capacity, layer count and SLO), so the simulator serves what the engine served;
-        fields the file lacks keep the defaults above."""
+        capacity, layer count and SLOs), so the simulator serves what the engine served; the
+        TPOT SLO is ``UNLOADED_SLO_MULTIPLE`` x the measured unloaded TPOT, as the TTFT SLO is
+        of the unloaded TTFT; fields the file lacks keep the defaults above."""
+        replica = load_replica(path)
+        if "tpot_slo_s" not in replica and replica.get("unloaded_tpot_s"):
+            replica = {**replica, "tpot_slo_s": UNLOADED_SLO_MULTIPLE * replica["unloaded_tpot_s"]}
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in load_replica(path).items() if k in names})
+        return cls(**{k: v for k, v in replica.items() if k in names})
 
 
 class _Req:
@@ -94,14 +107,20 @@ class Simulator:
         self._running: list[_Req] = []
         self._kv_used = 0
         self.quantized_layers = 0
+        self.kv_fraction = 1.0
+        self._decode_s = Timings()  # the runtime's window of recent decode iterations
         self.clock = LoadClock(start_s=0.0)
         self.records: list[ServedRequest] = []
 
+    def budget_tokens(self, layers: int) -> int:
+        """KV tokens the budget allows with ``layers`` int4 layers (before any KV limit)."""
+        c = self.config
+        return c.base_capacity_tokens + layers * c.tokens_per_layer
+
     @property
     def capacity(self) -> int:
-        """Current KV capacity in tokens."""
-        c = self.config
-        return c.base_capacity_tokens + self.quantized_layers * c.tokens_per_layer
+        """Current KV capacity in tokens: the budget's at this depth times the KV fraction."""
+        return int(self.budget_tokens(self.quantized_layers) * self.kv_fraction)
 
     def reset(self, window: Trace) -> LoadSnapshot:
         """Start ``window`` on an empty replica with every layer in full precision.
@@ -118,22 +137,26 @@ class Simulator:
         self._enqueue_arrivals()
         return self.snapshot()
 
-    def advance(self, dt: float, target_layers: int) -> AdvanceResult:
-        """Apply the layer target (stalling for the swap), then run iterations for ``dt``."""
+    def advance(self, dt: float, target_layers: int, kv_fraction: float = 1.0) -> AdvanceResult:
+        """Apply the layer target (stalling for the swap) and the KV limit, then run iterations
+        for ``dt``."""
         c = self.config
         if not 0 <= target_layers <= c.num_layers:
             raise ValueError(f"target_layers {target_layers} outside 0..{c.num_layers}")
+        if not 0 < kv_fraction <= 1:
+            raise ValueError(f"kv_fraction {kv_fraction} outside (0, 1]")
         swapped = abs(target_layers - self.quantized_layers)
+        budget = self.budget_tokens(target_layers)
         if swapped:
-            new_capacity = c.base_capacity_tokens + target_layers * c.tokens_per_layer
-            if self._kv_used > new_capacity:
+            if self._kv_used > budget:
                 raise ValueError(
                     f"unsafe restore to {target_layers} layers: {self._kv_used} KV tokens in use "
-                    f"> capacity {new_capacity} (clip targets with clip_action)"
+                    f"> capacity {budget} (clip targets with clip_action)"
                 )
             self.now += self.model.swap_s_per_layer * swapped
             self.quantized_layers = target_layers
             self.clock.transition(self.now, swapped)
+        self.kv_fraction = min(1.0, max(kv_fraction, self._kv_used / budget))
         self._clock += dt
         finished_before, generated, late = len(self.records), 0, 0
         while True:
@@ -144,12 +167,14 @@ class Simulator:
             generated += step_generated
             late += step_late
         late += self._mark_waiting_late()
+        finished = tuple(self.records[finished_before:])
         return AdvanceResult(
             snapshot=self.snapshot(),
-            finished=tuple(self.records[finished_before:]),
+            finished=finished,
             generated_tokens=generated,
             newly_late=late,
             swapped_layers=swapped,
+            newly_tpot_late=sum(r.tpot_s > c.tpot_slo_s for r in finished),
         )
 
     def _enqueue_arrivals(self) -> None:
@@ -172,7 +197,9 @@ class Simulator:
             self._make_room_for_decode()
             running = self._running
             context = sum(req.kv for req in running) + len(running)
-            self.now += self.model.iteration_s(0, len(running), self.quantized_layers, context)
+            step_s = self.model.iteration_s(0, len(running), self.quantized_layers, context)
+            self._decode_s.add(step_s)
+            self.now += step_s
             self._kv_used += len(running)
             still = []
             for req in running:
@@ -312,6 +339,9 @@ class Simulator:
             quantized_layers=self.quantized_layers,
             num_layers=c.num_layers,
             tokens_per_layer=c.tokens_per_layer,
+            tpot_slo_s=c.tpot_slo_s,
+            decode_iteration_s=self._decode_s.median() or 0.0,
+            kv_budget_tokens=self.budget_tokens(self.quantized_layers),
         )
 
     def snapshot(self) -> LoadSnapshot:

@@ -4,8 +4,6 @@ for the same events."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -113,8 +111,9 @@ def test_runtime_and_simulator_observe_the_same_events_alike() -> None:
         scheduler, kv_capacity_tokens=sim.capacity, kv_committed_tokens=sim.capacity,
         quantized_layers=sim.quantized_layers, num_layers=sim.config.num_layers,
         tokens_per_layer=sim.config.tokens_per_layer, ttft_slo_s=sim.config.ttft_slo_s,
-        tpot_slo_s=math.inf, decode_iteration_s=0.0, kv_budget_tokens=sim.capacity,
-    )  # the simulator has no TPOT target and no KV limit below its budget
+        tpot_slo_s=sim.config.tpot_slo_s, decode_iteration_s=sim.snapshot().decode_iteration_s,
+        kv_budget_tokens=sim.budget_tokens(sim.quantized_layers),
+    )  # the decode median is each side's own timing (measured or modelled), passed through
     got = build_snapshot(raw, runtime_clock, sim.now)
 
     assert expected.queue_len > 0 and expected.running_reqs > 0  # the case is not trivial

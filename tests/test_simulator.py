@@ -17,6 +17,7 @@ from envs.calibration import (
 )
 from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import Trace, TraceRequest
+from sglang_morph.config import UNLOADED_SLO_MULTIPLE
 from sglang_morph.paths import DEFAULT_CALIBRATION
 
 BASE, PER_TOKEN, PER_DECODE, PER_LAYER, SWAP = 0.005, 1e-4, 1e-3, 5e-4, 0.01
@@ -144,6 +145,48 @@ def test_late_requests_counted_once() -> None:
     late = sum(r.newly_late for r in results)
     assert late == sum(rec.ttft_s > 0.05 for rec in sim.records) > 0
     assert sum(r.generated_tokens for r in results) == 30 * 4
+
+
+def test_kv_fraction_limits_admission_like_a_smaller_budget() -> None:
+    """At fraction 0.5 the 512-token budget admits 256 tokens: two 100-token requests with
+    40 promised outputs each (280 tokens) run one after the other, as on a 256-token replica."""
+    pair = window((0.0, 100, 40), (0.0, 100, 40))
+    limited = Simulator(MODEL)
+    limited.reset(pair)
+    results = [limited.advance(0.25, 0, kv_fraction=0.5) for _ in range(40)]
+    snap = results[0].snapshot
+    assert limited.capacity == 256 and snap.kv_budget_tokens == 512
+    small = Simulator(MODEL, ReplicaConfig(base_capacity_tokens=256))
+    run(small, pair)
+    assert [r.ttft_s for r in limited.records] == pytest.approx([r.ttft_s for r in small.records])
+    first, second = limited.records
+    assert second.ttft_s > first.e2e_s  # serialised, as the full budget would not be
+
+
+def test_kv_fraction_never_cuts_below_the_tokens_in_use() -> None:
+    sim = Simulator(MODEL)
+    sim.reset(window((0.0, 300, 150)))
+    sim.advance(0.01, 0)  # 300 prompt tokens held
+    sim.advance(0.01, 0, kv_fraction=0.5)
+    assert sim.capacity >= sim.snapshot().kv_used_tokens - 149  # promised tokens aside
+    assert sim.capacity >= 300
+
+
+def test_tpot_violations_counted_when_a_request_finishes() -> None:
+    """Eight requests decoding together: each step costs BASE + 8 * PER_DECODE = 13 ms, so a
+    12-ms TPOT SLO is broken by all of them, a 14-ms one by none."""
+    burst = window(*[(0.0, 20, 10) for _ in range(8)])
+    for slo, expected in ((0.012, 8), (0.014, 0)):
+        sim = Simulator(MODEL, ReplicaConfig(tpot_slo_s=slo))
+        results = run(sim, burst)
+        assert sum(r.newly_tpot_late for r in results) == expected
+        assert sim.snapshot().decode_iteration_s == pytest.approx(BASE + 8 * PER_DECODE)
+
+
+def test_replica_tpot_slo_from_the_calibration() -> None:
+    replica = json.loads(DEFAULT_CALIBRATION.read_text())["replica"]
+    config = ReplicaConfig.from_calibration()
+    assert config.tpot_slo_s == pytest.approx(UNLOADED_SLO_MULTIPLE * replica["unloaded_tpot_s"])
 
 
 def test_oversized_request_rejected() -> None:
