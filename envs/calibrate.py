@@ -187,6 +187,8 @@ def drive(url: str, model_path: str, loads: list[Trace], seed: int = 0) -> dict:
             "num_layers": num_layers,
             "budget_bytes": state["budget_bytes"],
             "kv_bytes_per_token": state["kv_bytes_per_token"],
+            "kv_floor_tokens": state["kv_min_tokens"],
+            "kv_segment_tokens": state["kv_segment_tokens"],
             "ttft_slo_s": UNLOADED_SLO_MULTIPLE * ttft,
             "unloaded_ttft_s": ttft,
             "unloaded_tpot_s": tpot,

@@ -3,9 +3,10 @@
 The simulator is only trusted as far as it matches this backend, so both implement the same
 ``envs.backend.ServingBackend``: ``reset(window)`` replays the window's requests open-loop with
 ``eval.replay``'s client (the same streaming client ``eval.run`` uses) in a background thread,
-and ``advance(dt, target)`` sets the int4 layer count through ``POST /morph/swap`` (the first
-``target`` layers of the server's importance order), waits until ``dt`` more seconds of the
-replay have passed, and reads the next ``LoadSnapshot`` from ``GET /morph/state``. The server
+and ``advance(dt, target, kv_fraction)`` sets the int4 layer count through ``POST /morph/swap``
+(the first ``target`` layers of the server's importance order) and the KV limit through
+``POST /morph/kv``, waits until ``dt`` more seconds of the replay have passed, and reads the
+next ``LoadSnapshot`` from ``GET /morph/state``. The server
 runs ``--morph-policy manual``, in which the runtime computes the observation every tick without
 acting on it (``last_observation``), so the snapshot is exactly what a policy would get in
 serving. Ticks are wall-clock: an episode takes as long as its window.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -48,8 +50,9 @@ class EngineBackend:
     leave it out to start one (``sglang_morph.server_process.Server``, with ``budget``, the
     layer order of ``profile`` and ``model_path``) that ``close`` stops; the server runs in
     another directory, so the paths it is given are made absolute.
-    ``ttft_slo_s`` must be the SLO the policy is judged by; a started server gets it as
-    ``--morph-ttft-slo`` so that the observation's ``oldest_wait / slo`` means the same.
+    ``ttft_slo_s`` and ``tpot_slo_s`` must be the SLOs the policy is judged by; a started
+    server gets them as ``--morph-ttft-slo`` and ``--morph-tpot-slo`` (when finite) so that the
+    observation's ``oldest_wait / ttft_slo`` and ``decode_iteration / tpot_slo`` mean the same.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class EngineBackend:
         url: str | None = None,
         *,
         ttft_slo_s: float,
+        tpot_slo_s: float = math.inf,
         budget: str | None = None,
         profile: str | Path | None = DEFAULT_PROFILE,
         server_args: Sequence[str] = (),
@@ -65,6 +69,7 @@ class EngineBackend:
         idle_timeout_s: float = 120.0,
     ) -> None:
         self.ttft_slo_s = ttft_slo_s
+        self.tpot_slo_s = tpot_slo_s
         self.seed = seed
         self.idle_timeout_s = idle_timeout_s
         self._server = None
@@ -73,6 +78,8 @@ class EngineBackend:
             budget = budget or str(default_budget(model))
             args = ["--morph-policy", "manual", "--morph-memory-budget", budget,
                     "--morph-ttft-slo", f"{ttft_slo_s:.6f}", *server_args]
+            if math.isfinite(tpot_slo_s):
+                args += ["--morph-tpot-slo", f"{tpot_slo_s:.6f}"]
             if profile is not None:
                 args += ["--morph-profile", absolute(profile)]
             if model_path is not None:
@@ -88,6 +95,8 @@ class EngineBackend:
             raise EngineError(f"{self.url} runs policy {state.get('policy')!r}; the engine "
                               "backend needs --morph-policy manual")
         self.layer_order: list[int] = list(state["layer_order"])
+        self.kv_floor_tokens = int(state.get("kv_min_tokens") or 0)
+        """The server refuses a KV limit below this (one maximum-length request)."""
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -99,6 +108,8 @@ class EngineBackend:
         self._late_reported = 0
         self._generated = 0
         self._transitions = 0
+        self._kv_limit = 0  # the server's KV limit in tokens (0: none), as last set or read
+        self._snap: LoadSnapshot | None = None
 
     # -- HTTP --
 
@@ -130,6 +141,16 @@ class EngineBackend:
         self._swap(sorted(i for i in want if desired[i] == "fp"), "int4")
         self._swap(sorted(i for i, f in desired.items() if f != "fp" and i not in want), "fp")
 
+    def set_kv_limit(self, tokens: int) -> None:
+        """Set the server's KV limit to ``tokens`` (0 lifts it) unless it is already that."""
+        if tokens == self._kv_limit:
+            return
+        try:
+            self._remember(self.client.set_kv_limit(tokens, timeout_s=30))
+        except MorphRequestError as err:
+            raise EngineError(f"KV limit of {tokens} tokens refused: {err}") from err
+        self._kv_limit = tokens
+
     def snapshot(self) -> LoadSnapshot:
         """The runtime's last observation (taken at its latest tick)."""
         return self._snapshot(self.state())
@@ -147,8 +168,9 @@ class EngineBackend:
     def reset(self, window: Trace) -> LoadSnapshot:
         """Stop any replay, restore every layer, wait for an idle server, start ``window``."""
         self._stop_replay()
-        self.state()
+        self._kv_limit = self.state()["kv_limit_tokens"] or 0  # another episode's, an operator's
         self.set_quantized(0)
+        self.set_kv_limit(0)
         deadline = time.monotonic() + self.idle_timeout_s
         while True:
             state = self.state()
@@ -170,13 +192,17 @@ class EngineBackend:
         self._task = self._loop.create_task(replayer.run(self._t0))
         self._thread = threading.Thread(target=self._run_loop, name="engine-replay", daemon=True)
         self._thread.start()
-        return self._snapshot(state)
+        self._snap = self._snapshot(state)
+        return self._snap
 
-    def advance(self, dt: float, target_layers: int) -> AdvanceResult:
-        """Request ``target_layers``, let ``dt`` seconds of the replay pass, then report."""
-        if self._thread is None:
+    def advance(self, dt: float, target_layers: int, kv_fraction: float = 1.0) -> AdvanceResult:
+        """Request ``target_layers`` and a KV limit of ``kv_fraction`` of the budget, let ``dt``
+        seconds of the replay pass, then report."""
+        if self._thread is None or self._snap is None:
             raise RuntimeError("call reset() before advance()")
         self.set_quantized(target_layers)
+        self.set_kv_limit(
+            kv_limit_tokens(self._snap, target_layers, kv_fraction, self.kv_floor_tokens))
         self._clock += dt
         delay = self._t0 + self._clock - time.perf_counter()
         if delay > 0:
@@ -196,12 +222,14 @@ class EngineBackend:
         newly_late, self._late_reported = len(self._late) - self._late_reported, len(self._late)
         swapped = state["transitions"] - self._transitions
         self._transitions = state["transitions"]
+        self._snap = self._snapshot(state)
         result = AdvanceResult(
-            snapshot=self._snapshot(state),
+            snapshot=self._snap,
             finished=tuple(finished),
             generated_tokens=generated - self._generated,
             newly_late=newly_late,
             swapped_layers=swapped,
+            newly_tpot_late=sum(r.tpot_s > self.tpot_slo_s for r in finished),
         )
         self._generated = generated
         return result
@@ -237,6 +265,23 @@ class EngineBackend:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+
+def kv_limit_tokens(
+    snap: LoadSnapshot, target_layers: int, fraction: float, floor_tokens: int = 0
+) -> int:
+    """The server KV limit, in tokens, that makes ``fraction`` of the budget at
+    ``target_layers`` int4 layers (0: no limit, at fraction 1), from the last snapshot.
+
+    The budget is taken at the smaller of the current and the target depth: the server applies
+    a swap at its next tick, and refuses a limit above what the budget allows with the layers
+    it has at the moment the limit arrives. Re-sent whenever it changes, so the limit follows
+    the depth a tick later, as the runtime's own fraction does at once."""
+    if fraction >= 1.0:
+        return 0
+    restored = max(0, snap.quantized_layers - target_layers)
+    limit = int((snap.kv_budget_tokens - restored * snap.tokens_per_layer) * fraction)
+    return max(floor_tokens, limit)
 
 
 def _late(record: RequestRecord, now: float, slo: float) -> bool:

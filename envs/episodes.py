@@ -89,17 +89,25 @@ class PolicyResult:
     windows: int
     requests: int
     late: int
+    tpot_late: int
     generated_tokens: int
     quality_cost: float
     swapped_layers: int
     clipped_actions: int
     mean_layers: float
+    mean_kv_fraction: float
     p95_ttft_s: float
     reward: float
 
     @property
     def violation_rate(self) -> float:
+        """Share of requests that broke the TTFT SLO."""
         return self.late / self.requests if self.requests else 0.0
+
+    @property
+    def tpot_violation_rate(self) -> float:
+        """Share of requests that broke the TPOT SLO."""
+        return self.tpot_late / self.requests if self.requests else 0.0
 
     @property
     def quality_per_token(self) -> float:
@@ -107,8 +115,9 @@ class PolicyResult:
         return self.quality_cost / self.generated_tokens if self.generated_tokens else 0.0
 
     def as_dict(self) -> dict:
-        """The totals and the two derived rates, as checkpoint metadata stores them."""
+        """The totals and the derived rates, as checkpoint metadata stores them."""
         return {**asdict(self), "violation_rate": self.violation_rate,
+                "tpot_violation_rate": self.tpot_violation_rate,
                 "quality_per_token": self.quality_per_token}
 
 
@@ -121,11 +130,13 @@ def total(policy: str, episodes: Sequence[EpisodeStats]) -> PolicyResult:
         windows=len(episodes),
         requests=sum(e.requests for e in episodes),
         late=sum(e.late for e in episodes),
+        tpot_late=sum(e.tpot_late for e in episodes),
         generated_tokens=sum(e.generated_tokens for e in episodes),
         quality_cost=sum(e.quality_cost for e in episodes),
         swapped_layers=sum(e.swapped_layers for e in episodes),
         clipped_actions=sum(e.clipped_actions for e in episodes),
         mean_layers=sum(e.layer_ticks for e in episodes) / ticks if ticks else 0.0,
+        mean_kv_fraction=sum(e.kv_fraction_ticks for e in episodes) / ticks if ticks else 1.0,
         p95_ttft_s=float(np.percentile(ttfts, 95)) if ttfts else 0.0,
         reward=sum(e.reward for e in episodes),
     )
@@ -151,15 +162,18 @@ def evaluate_policies(
 def print_results(results: list[PolicyResult], title: str, console: Console) -> None:
     """The comparison table."""
     table = Table(title=title)
-    for column in ("policy", "SLO violations", "quality cost/token", "mean int4 layers",
-                   "layer swaps", "clipped", "P95 TTFT ms", "reward"):
+    for column in ("policy", "TTFT violations", "TPOT violations", "quality cost/token",
+                   "mean int4 layers", "mean KV limit", "layer swaps", "clipped", "P95 TTFT ms",
+                   "reward"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for r in results:
         table.add_row(
             r.policy,
             f"{r.late}/{r.requests} ({r.violation_rate:.2%})",
+            f"{r.tpot_late}/{r.requests} ({r.tpot_violation_rate:.2%})",
             f"{r.quality_per_token:.4f}",
             f"{r.mean_layers:.2f}",
+            f"{r.mean_kv_fraction:.2f}",
             str(r.swapped_layers),
             str(r.clipped_actions),
             f"{r.p95_ttft_s * 1e3:.0f}",

@@ -1,19 +1,23 @@
-"""``MorphServe-v0``: a gymnasium environment in which a controller picks the int4 layer count.
+"""``MorphServe-v0``: a gymnasium environment in which a controller picks the int4 layer count
+and the KV limit.
 
 One step is one controller tick (``tick_s`` of served time). The observation is
 ``observation_vector`` of the backend's ``LoadSnapshot`` (the same features the runtime feeds a
 policy). Two action modes:
 
-- ``"delta"`` (default, used for training): ``Discrete(3)`` over ``DELTA_ACTIONS`` = restore one
-  layer / hold / quantize one more. Holding is the same action in every state, so exploring
-  does not mean churning; a burst takes L ticks to reach all layers (0.25 s at the default
-  0.05-s tick, the runtime's default tick).
-- ``"target"``: ``Discrete(L + 1)``, the absolute target of ``Policy.decide``; used to evaluate
-  any policy (the RL policy turns its delta into a target itself).
+- ``"delta"`` (default, used for training): ``MultiDiscrete([3, 3])`` (``RL_ACTION_NVEC``), a
+  layer delta over ``DELTA_ACTIONS`` = restore one layer / hold / quantize one more, and the KV
+  limit as an index into ``KV_FRACTIONS`` (``rl_action`` maps the pair to an ``Action``).
+  Holding is the same action in every state, so exploring does not mean churning; a burst takes
+  L ticks to reach all layers (0.25 s at the default 0.05-s tick, the runtime's default tick).
+- ``"target"``: ``Discrete(L + 1)``, the absolute target of ``Policy.decide``, or a policy's
+  ``Action`` (layers and KV fraction); used to evaluate any policy (the RL policy turns its
+  action pair into an ``Action`` itself).
 
 Targets outside ``[0, L]`` or restoring layers whose KV is in use are clipped by
-``clip_action`` and counted. An episode replays one window of a trace (a random one per reset,
-from the env's seeded generator, or ``options={"window": i}``) and is truncated at its end.
+``clip_action``, KV fractions by ``clip_kv_fraction``; both are counted. An episode replays one
+window of a trace (a random one per reset, from the env's seeded generator, or
+``options={"window": i}``) and is truncated at its end.
 """
 
 from __future__ import annotations
@@ -36,7 +40,13 @@ from envs.reward import (
 from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import LengthMapping, Trace, load_trace, map_lengths, scale_time, select_window
 from rl_controller.observation import OBS_SIZE, LoadSnapshot, observation_vector
-from rl_controller.policy import DELTA_ACTIONS, Action, clip_action, target_layers
+from rl_controller.policy import (
+    RL_ACTION_NVEC,
+    Action,
+    clip_action,
+    clip_kv_fraction,
+    rl_action,
+)
 from sglang_morph.paths import DEFAULT_CALIBRATION
 
 Window = tuple[float, float]
@@ -92,18 +102,21 @@ class EpisodeStats:
 
     requests: int
     late: int = 0
+    tpot_late: int = 0
     generated_tokens: int = 0
     quality_cost: float = 0.0
     swapped_layers: int = 0
     clipped_actions: int = 0
     ticks: int = 0
     layer_ticks: int = 0
+    kv_fraction_ticks: float = 0.0
+    """Sum over ticks of the KV fraction applied (divided by ``ticks``: the mean limit)."""
     reward: float = 0.0
     ttfts: list[float] = field(default_factory=list)
 
 
 class MorphEnv(gym.Env):
-    """Serving one trace window with a controllable number of int4 layers."""
+    """Serving one trace window with a controllable number of int4 layers and KV limit."""
 
     metadata = {"render_modes": []}
 
@@ -152,8 +165,9 @@ class MorphEnv(gym.Env):
         if action_mode not in ("delta", "target"):
             raise ValueError(f"unknown action_mode {action_mode!r}; accepted: delta, target")
         self.action_mode = action_mode
-        self.action_space = gym.spaces.Discrete(
-            len(DELTA_ACTIONS) if action_mode == "delta" else layers + 1
+        self.action_space: gym.spaces.Space = (
+            gym.spaces.MultiDiscrete(RL_ACTION_NVEC) if action_mode == "delta"
+            else gym.spaces.Discrete(layers + 1)
         )
         self.observation_space = gym.spaces.Box(0.0, 1.0, (OBS_SIZE,), np.float32)
         self.snapshot: LoadSnapshot | None = None
@@ -171,10 +185,11 @@ class MorphEnv(gym.Env):
             from envs.engine_backend import EngineBackend
 
             # A fresh manual-policy server with the calibration's budget, judged by the
-            # replica's SLO; for a running server or other options pass an
+            # replica's SLOs; for a running server or other options pass an
             # EngineBackend(url=...) instance instead.
             budget = load_replica(_calibration_file(calibration)).get("budget_bytes")
             return EngineBackend(ttft_slo_s=self.replica.ttft_slo_s,
+                                 tpot_slo_s=self.replica.tpot_slo_s,
                                  budget=None if budget is None else str(budget))
         if backend != "simulator":
             raise ValueError(f"unknown backend {backend!r}; accepted: simulator, engine")
@@ -204,38 +219,47 @@ class MorphEnv(gym.Env):
         self.stats = EpisodeStats(requests=len(window.requests))
         return observation_vector(self.snapshot), {"window": self.window}
 
-    def step(self, action: int | Action) -> tuple[np.ndarray, float, bool, bool, dict]:
-        """One tick with ``action`` (a delta index or a target, per ``action_mode``; in target
-        mode a policy's ``Action`` is taken as its layer target: the simulator does not model
-        the KV limit yet, so its fraction is not applied)."""
+    def step(
+        self, action: np.ndarray | Sequence[int] | int | Action
+    ) -> tuple[np.ndarray, float, bool, bool, dict]:
+        """One tick with ``action``: a policy's ``Action`` (layers and KV fraction, in either
+        mode), else per ``action_mode`` the RL action's two indices (layer delta, KV fraction)
+        or a layer target (with the full KV budget)."""
         if self.snapshot is None:
             raise RuntimeError("call reset() before step()")
-        requested = target_layers(action)
-        if self.action_mode == "delta":
-            requested = self.snapshot.quantized_layers + DELTA_ACTIONS[requested]
-        target, clipped = clip_action(requested, self.snapshot)
-        result = self.backend.advance(self.tick_s, target)
-        terms = tick_terms(
-            result.newly_late, result.generated_tokens, target, result.swapped_layers,
-            self.quality_table,
-        )
+        snap = self.snapshot
+        if isinstance(action, Action):
+            wanted = action
+        elif self.action_mode == "delta":
+            wanted = rl_action(np.asarray(action).tolist(), snap.quantized_layers)
+        else:
+            wanted = Action(int(np.asarray(action)))
+        target, layers_clipped = clip_action(wanted.layers, snap)
+        fraction, kv_clipped = clip_kv_fraction(wanted.kv_fraction, snap)
+        clipped = layers_clipped or kv_clipped
+        result = self.backend.advance(self.tick_s, target, fraction)
+        terms = tick_terms(result, target, self.quality_table)
         reward = terms.reward(self.weights)
         s = self.stats
         s.late += terms.late
+        s.tpot_late += terms.tpot_late
         s.generated_tokens += result.generated_tokens
         s.quality_cost += terms.quality
         s.swapped_layers += terms.swapped
         s.clipped_actions += clipped
         s.ticks += 1
         s.layer_ticks += target
+        s.kv_fraction_ticks += fraction
         s.reward += reward
         s.ttfts.extend(r.ttft_s for r in result.finished)
         self.snapshot = result.snapshot
         truncated = s.ticks * self.tick_s >= self._duration - 1e-9
-        info: dict = {"clipped": clipped, "target": target, "late": terms.late}
+        info: dict = {"clipped": clipped, "target": target, "kv_fraction": fraction,
+                      "late": terms.late, "tpot_late": terms.tpot_late}
         if truncated:
             info["morph_episode"] = {
-                "late": s.late, "requests": s.requests, "quality_cost": s.quality_cost,
-                "generated_tokens": s.generated_tokens, "swapped_layers": s.swapped_layers,
+                "late": s.late, "tpot_late": s.tpot_late, "requests": s.requests,
+                "quality_cost": s.quality_cost, "generated_tokens": s.generated_tokens,
+                "swapped_layers": s.swapped_layers,
             }
         return observation_vector(self.snapshot), reward, False, truncated, info

@@ -1,9 +1,13 @@
-"""The controller's objective: SLO violations, quality lost to int4 layers, and swap churn.
+"""The controller's objective: TTFT and TPOT SLO violations, quality lost to int4 layers, and
+swap churn.
 
-reward per tick = -(slo * newly_late + quality * quality_table[k] * generated_tokens
+reward per tick = -(slo * newly_late + tpot * newly_tpot_late
+                    + quality * quality_table[k] * generated_tokens
                     + transition * swapped_layers)
 
-``newly_late`` counts requests whose TTFT passed the SLO (each once); ``quality_table[k]`` is
+``newly_late`` counts requests whose TTFT passed the SLO (each once, when it becomes certain);
+``newly_tpot_late`` requests that finished with a mean time per output token over the TPOT SLO
+(known only when they finish, so counted then); ``quality_table[k]`` is
 the quality loss of a token generated with the k least important layers in int4 (perplexity
 delta by default), so quality cost is paid per token actually served degraded, not per second
 of being quantized: quantizing an idle server costs nothing but the transitions.
@@ -16,6 +20,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from envs.backend import AdvanceResult
+
 DEFAULT_QUALITY_TABLE: tuple[float, ...] = (0.0, 0.06, 0.14, 0.25, 0.38, 0.54)
 """Perplexity increase on TinyStories of stories260K with its k least important layers in int4
 (round-to-nearest, group 32): k = 1 and k = 5 from the shared data README's perplexities (the
@@ -26,19 +32,22 @@ single-layer losses combine super-additively. A stand-in until a profiled table 
 
 @dataclass(frozen=True)
 class RewardWeights:
-    """Prices of the three costs, in units of one SLO violation.
+    """Prices of the costs, in units of one TTFT SLO violation.
 
     The quality weight sets how many degraded tokens one late request is worth: with the
     measured int4 table (``docs/figures/quality-int4.json``) the default makes quantizing pay
     off under a burst, not at steady load; lower weights trained policies with fewer violations
     than the heuristic but a higher quality cost (docs/controller.md has the sweep). A swap
     costs a small fraction of a violation: enough to discourage churn, small next to one late
-    request.
+    request. A request that breaks its TPOT SLO costs as much as one that breaks its TTFT SLO
+    (both are a request the client saw served too slowly); a KV limit that protects TPOT then
+    pays off only if it costs fewer TTFT violations than it saves TPOT ones.
     """
 
     slo: float = 1.0
     quality: float = 0.05
     transition: float = 0.05
+    tpot: float = 1.0
 
 
 def load_quality_table(path: str | Path) -> tuple[float, ...]:
@@ -76,16 +85,18 @@ class RewardTerms:
     """One tick's costs, before weighting (the env sums these per episode for reports)."""
 
     late: int
+    tpot_late: int
     quality: float
     swapped: int
 
     def reward(self, w: RewardWeights) -> float:
         """The scalar reward of the tick under weights ``w``."""
-        return -(w.slo * self.late + w.quality * self.quality + w.transition * self.swapped)
+        return -(w.slo * self.late + w.tpot * self.tpot_late + w.quality * self.quality
+                 + w.transition * self.swapped)
 
 
-def tick_terms(
-    newly_late: int, generated_tokens: int, layers: int, swapped: int, table: tuple[float, ...]
-) -> RewardTerms:
-    """Costs of a tick served with ``layers`` quantized layers."""
-    return RewardTerms(newly_late, table[layers] * generated_tokens, swapped)
+def tick_terms(result: AdvanceResult, layers: int, table: tuple[float, ...]) -> RewardTerms:
+    """Costs of a tick (what a backend's ``advance`` reported) served with ``layers`` quantized
+    layers."""
+    return RewardTerms(result.newly_late, result.newly_tpot_late,
+                       table[layers] * result.generated_tokens, result.swapped_layers)

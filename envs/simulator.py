@@ -18,8 +18,10 @@ TTFT under a burst. It follows SGLang 0.5.23's default scheduler (``event_loop_n
   it is freed when it finishes. No prefix sharing: trace requests share no tokens, so the radix
   cache holds nothing evictable here (``kv_evictable_tokens`` is always 0).
 - KV capacity = ``base_capacity_tokens + quantized_layers * tokens_per_layer`` (what the
-  budget allows at that depth) times the policy's KV fraction, as the runtime sizes it; a
-  fraction never cuts below the tokens in use (``clip_kv_fraction``'s rule).
+  budget allows at that depth); under a KV fraction below 1, that times the fraction, rounded
+  down to whole segments and never below one maximum-length request (``kv_floor_tokens``), as
+  the runtime sizes it; a fraction never cuts below the tokens in use (``clip_kv_fraction``'s
+  rule).
 - Iteration time (the whole scheduler-loop pass) from a calibrated ``IterationModel``; a
   transition stalls the engine for ``swap_s_per_layer`` per layer swapped. A token reaches the
   client ``response_s`` after its iteration (HTTP, tokenizer manager, detokenizer): TTFTs and
@@ -60,6 +62,11 @@ class ReplicaConfig:
     """5x the ~16 ms unloaded median TTFT measured on the engine (the notes' SLO)."""
     tpot_slo_s: float = math.inf
     """Mean time per output token a request may see (inf: no TPOT target, no violations)."""
+    kv_floor_tokens: int = 0
+    """Least KV a limit leaves: the runtime's floor, one maximum-length request."""
+    kv_segment_tokens: int = 1
+    """A limit is rounded down to whole segments of this many tokens (the runtime's resize
+    unit)."""
 
     @classmethod
     def from_calibration(cls, path: str | Path = DEFAULT_CALIBRATION) -> ReplicaConfig:
@@ -119,8 +126,14 @@ class Simulator:
 
     @property
     def capacity(self) -> int:
-        """Current KV capacity in tokens: the budget's at this depth times the KV fraction."""
-        return int(self.budget_tokens(self.quantized_layers) * self.kv_fraction)
+        """Current KV capacity in tokens: the budget's at this depth, limited by the KV
+        fraction as the runtime limits it."""
+        budget = self.budget_tokens(self.quantized_layers)
+        if self.kv_fraction >= 1.0:
+            return budget
+        c = self.config
+        limit = int(budget * self.kv_fraction) // c.kv_segment_tokens * c.kv_segment_tokens
+        return min(budget, max(c.kv_floor_tokens, limit))
 
     def reset(self, window: Trace) -> LoadSnapshot:
         """Start ``window`` on an empty replica with every layer in full precision.

@@ -3,6 +3,8 @@
 By default: perplexity and KL to full precision for k = 0..L quantized layers under the
 profile's ``lis`` and ``greedy-kl`` orders, ``last_to_first`` and ``random``, on the test part
 of the evaluation sample (``eval.quality_eval.run_quality``), the JSON plus a plot beside it.
+``--part validation`` measures the validation part instead: the quality table a controller is
+trained with must not come from the text its quality is reported on.
 With ``--compare-methods``: every layer quantized, per format, method and group size. Options
 the user must change exit 2 with one line before any computation.
 """
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="<|endoftext|>-separated evaluation text, used whole "
         "(default: the test part of the TinyStories sample)",
+    )
+    parser.add_argument(
+        "--part",
+        choices=("validation", "test"),
+        default="test",
+        help="part of the TinyStories sample (default test; validation for a training table)",
     )
     parser.add_argument(
         "--compare-methods",
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         profile,
         args.seeds,
         args.text,
+        args.part,
     )
     out.write_text(json.dumps(report, indent=1) + "\n")
     plot_quality(report, out.with_suffix(".png"))

@@ -221,10 +221,11 @@ def run_quality(
     profile: dict,
     seeds: int,
     text_path: str | Path | None = None,
+    part: str = "test",
 ) -> dict:
-    """The quality report: ppl and kl curves per order (see the module docstring), on the test
-    part of the evaluation sample unless ``text_path`` names another text."""
-    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile, text_path, "test")
+    """The quality report: ppl and kl curves per order (see the module docstring), on ``part``
+    of the evaluation sample unless ``text_path`` names another text."""
+    evaluator = QualityEvaluator(model_path, group_size, quant_method, profile, text_path, part)
     layers = evaluator.num_layers
     if profile["num_layers"] != layers:
         raise ValueError(

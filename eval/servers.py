@@ -7,6 +7,7 @@ machine's cores and a crash in one cannot leak state into the next.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -145,3 +146,16 @@ async def poll_state(
         sink.append(timeline_row(time.perf_counter() - t0, state))
 
     await MorphClient(base_url).poll_state(on_state, interval_s)
+
+
+async def replay_polling(replayer, base_url: str, timeline: list[dict]) -> None:
+    """``replayer``'s whole replay, with ``/morph/state`` read into ``timeline`` every
+    ``STATE_POLL_S`` meanwhile (the load every measured server carries); ``replayer`` is an
+    ``eval.replay.Replayer``."""
+    t0 = time.perf_counter()
+    poller = asyncio.create_task(poll_state(base_url, t0, timeline))
+    try:
+        await replayer.run(t0)
+    finally:
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)

@@ -20,12 +20,12 @@ import asyncio
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
 
+from eval.capacity import CAPACITY_PROBE_S, fp_capacity
 from eval.replay import Replayer, prompt_ids, usable_token_ids
 from eval.traces import LengthMapping, Trace, TraceError, load_trace, map_lengths, scale_time
 from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with, output_path, read_input
@@ -36,7 +36,6 @@ from sglang_morph.server_process import Server, ServerError, process_tree, rss_b
 
 console = Console(stderr=True)
 WARMUP_MIN = 5
-CAPACITY_PROBE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -63,25 +62,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.minutes < 2 or not 0 < args.load <= 2 or args.trace_minutes <= 0:
         p.error("--minutes must be >= 2, --load in (0, 2], --trace-minutes > 0")
     return args
-
-
-def fp_capacity(model: str, budget: int, trace: Trace, vocab, seed: int) -> float:
-    """Completed requests per second of full precision under a closed loop that keeps far
-    more requests in flight than the KV holds (so it measures the server, not the client)."""
-    server = Server(["--model-path", model, "--morph-policy", "off",
-                     "--morph-memory-budget", str(budget)])
-    try:
-        shapes = trace.requests[:64]
-        burst = tuple(replace(r, arrival_s=0.0) for r in shapes)
-        prompts = [prompt_ids(vocab, r.input_tokens, i, seed) for i, r in enumerate(burst)]
-        start = time.perf_counter()
-        done = 0
-        while time.perf_counter() - start < CAPACITY_PROBE_S:
-            records = asyncio.run(Replayer(server.url, burst, prompts, progress=False).run())
-            done += sum(r.ok for r in records)
-        return done / (time.perf_counter() - start)
-    finally:
-        server.stop()
 
 
 def looping_load(trace: Trace, minutes: float, rate: float) -> Load:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rl_controller.observation import OBS_SIZE
+from rl_controller.policy import RL_ACTION_NVEC, RL_ACTION_SPACE
 from rl_controller.rl_policy import (
     ACTIVATIONS,
     LOGIT_ATOL,
@@ -57,6 +58,7 @@ def export_actor(zip_path: str | Path) -> Path:
         policy = PPO.load(str(zip_path), device="cpu").policy
     except Exception as err:  # a corrupt zip fails in many ways (zipfile, torch, pickle)
         raise CheckpointError(f"cannot load checkpoint {zip_path}: {err}") from err
+    _check_action_space(policy, zip_path)
     layers = _actor_layers(policy, zip_path)
     probes = probe_observations()
     expected = _sb3_log_probs(policy, probes)
@@ -76,6 +78,19 @@ def export_actor(zip_path: str | Path) -> Path:
         )
     os.replace(tmp, out)
     return out
+
+
+def _check_action_space(policy, zip_path: Path) -> None:
+    """Refuse a checkpoint trained for another action space (e.g. the earlier ``Discrete(3)``
+    layer delta alone): its actor's outputs would be read as the wrong heads."""
+    from gymnasium.spaces import MultiDiscrete
+
+    space = policy.action_space
+    if not isinstance(space, MultiDiscrete) or tuple(space.nvec.tolist()) != RL_ACTION_NVEC:
+        raise CheckpointError(
+            f"checkpoint {zip_path} was trained with action space {space}; this code expects "
+            f"{RL_ACTION_SPACE}: retrain it"
+        )
 
 
 def _actor_layers(policy, zip_path: Path) -> list[Layer]:
@@ -100,12 +115,13 @@ def _actor_layers(policy, zip_path: Path) -> list[Layer]:
 
 
 def _sb3_log_probs(policy, probes: np.ndarray) -> np.ndarray:
-    """SB3's categorical log-probabilities for each probe observation."""
+    """SB3's log-probabilities for each probe observation: every head's categorical
+    (normalised) logits, concatenated in head order."""
     import torch
 
     with torch.no_grad():
         dist = policy.get_distribution(torch.as_tensor(probes))
-        return dist.distribution.logits.double().numpy()
+        return torch.cat([head.logits for head in dist.distribution], dim=1).double().numpy()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -2,8 +2,9 @@
 
 Rebuilds the simulator environment exactly as the checkpoint's metadata describes it (trace,
 length mapping, time scale, replica, calibration, quality table, reward weights, tick), replays
-every evaluation window once per policy, and prints SLO violations and quality cost side by
-side, then the decision latency of each controller against the decode iteration it delays.
+every evaluation window once per policy, and prints TTFT and TPOT SLO violations and quality
+cost side by side, then the decision latency of each controller against the decode iteration
+it delays.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     print_results(
         results,
         f"{trace}, time scale {scale:g}, {len(env.windows)} {which} of "
-        f"{meta['window_s']:g} s, SLO TTFT {env.replica.ttft_slo_s * 1e3:g} ms (simulator)",
+        f"{meta['window_s']:g} s, SLO TTFT {env.replica.ttft_slo_s * 1e3:.1f} ms, TPOT "
+        f"{env.replica.tpot_slo_s * 1e3:.1f} ms (simulator)",
         console,
     )
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from rl_controller.clock import LoadClock
 
-OBS_VERSION: int = 1
+OBS_VERSION: int = 2
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,9 @@ class LoadSnapshot:
     by the ``quantized_layers`` int4 layers. ``kv_budget_tokens`` is what the budget allows at
     this depth, before any KV limit (0: unknown, taken as ``kv_capacity_tokens``);
     ``decode_iteration_s`` is the recent median decode iteration, the time per output token the
-    running requests see, judged against ``tpot_slo_s``. These three feed the KV-limit choice and
-    are not features of ``observation_vector``.
+    running requests see, judged against ``tpot_slo_s``. These feed the KV-limit choice: the
+    decode iteration relative to the TPOT target and the capacity relative to the budget (the
+    limit in force) are features of ``observation_vector``.
     """
 
     queue_len: int
@@ -65,6 +66,7 @@ _RATE_SCALE = 8.0
 _TRANSITIONS_SCALE = 4.0
 _SINCE_TRANSITION_SCALE = 10.0
 _WAIT_SLO_MULTIPLES = 4.0
+_DECODE_SLO_MULTIPLES = 2.0
 
 FEATURES: tuple[str, ...] = (
     "queue_len: q / (q + 16)",
@@ -82,6 +84,9 @@ FEATURES: tuple[str, ...] = (
     "one restore is safe: 1 if kv_used <= kv_capacity - tokens_per_layer and quantized_layers > 0",
     "recent_transitions: t / (t + 4)",
     "seconds_since_transition: s / (s + 10)",
+    "decode_iteration / tpot_slo, divided by 2 and clipped to 1 (0.5 = at the target; 0 without "
+    "a finite target)",
+    "KV limit: kv_capacity / kv_budget, clipped to 1 (1 when the budget is unknown)",
 )
 """Feature i of ``observation_vector``: what it is and how it is scaled into [0, 1]."""
 
@@ -115,6 +120,10 @@ def observation_vector(s: LoadSnapshot) -> np.ndarray:
     layers = max(1, s.num_layers)
     restore_safe = s.quantized_layers > 0 and s.kv_used_tokens <= cap - s.tokens_per_layer
     wait_multiple = s.oldest_wait_s / s.ttft_slo_s if s.ttft_slo_s > 0 else 0.0
+    # No finite target (none set, or a bad one): the decode iteration is judged by nothing.
+    tpot_target = 0 < s.tpot_slo_s < math.inf
+    decode_multiple = s.decode_iteration_s / s.tpot_slo_s if tpot_target else 0.0
+    limit = _ratio(cap, s.kv_budget_tokens) if s.kv_budget_tokens > 0 else 1.0
     values = (
         _saturate(s.queue_len, _QUEUE_SCALE),
         _saturate(queued, 1.0),
@@ -131,6 +140,8 @@ def observation_vector(s: LoadSnapshot) -> np.ndarray:
         float(restore_safe),
         _saturate(s.recent_transitions, _TRANSITIONS_SCALE),
         _saturate(s.seconds_since_transition, _SINCE_TRANSITION_SCALE),
+        _ratio(decode_multiple, _DECODE_SLO_MULTIPLES),
+        limit,
     )
     return np.array(values, dtype=np.float32)
 

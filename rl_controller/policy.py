@@ -10,15 +10,16 @@ allows, used by the runtime and the environment alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 from rl_controller.observation import LoadSnapshot
 
 DELTA_ACTIONS: tuple[int, ...] = (-1, 0, 1)
-"""The RL action set: restore one layer, hold, quantize one more. Relative, so that "hold" is
-one action in every state (with absolute targets, holding means a state-dependent choice, and
-PPO settles on a constant target instead of learning when to move)."""
+"""The RL layer head's actions: restore one layer, hold, quantize one more. Relative, so that
+"hold" is one action in every state (with absolute targets, holding means a state-dependent
+choice, and PPO settles on a constant target instead of learning when to move)."""
 
 
 KV_FRACTIONS: tuple[float, ...] = (0.5, 0.75, 1.0)
@@ -34,6 +35,32 @@ class Action:
 
     layers: int
     kv_fraction: float = 1.0
+
+
+RL_ACTION_NVEC: tuple[int, ...] = (len(DELTA_ACTIONS), len(KV_FRACTIONS))
+"""The RL action, a ``MultiDiscrete`` of two heads: an index into ``DELTA_ACTIONS`` (relative
+to the current depth) and an index into ``KV_FRACTIONS`` (absolute: a limit is a level to be
+at, not a direction, and the full budget is one action in every state)."""
+
+RL_ACTION_SPACE: str = f"MultiDiscrete({list(RL_ACTION_NVEC)})"
+"""``RL_ACTION_NVEC`` as checkpoints record it (a checkpoint of another space is refused)."""
+
+
+def rl_action(indices: Sequence[int], quantized_layers: int) -> Action:
+    """The ``Action`` an RL action (``RL_ACTION_NVEC`` indices) means at ``quantized_layers``:
+    the one mapping the environment, the RL policy and behaviour cloning share. The layer
+    target may fall outside ``[0, num_layers]``; ``clip_action`` (or the caller) bounds it."""
+    delta, fraction = (int(i) for i in indices)
+    return Action(quantized_layers + DELTA_ACTIONS[delta], KV_FRACTIONS[fraction])
+
+
+def rl_indices(action: Action, quantized_layers: int) -> tuple[int, int]:
+    """The RL action nearest ``action`` (what behaviour cloning imitates): one layer toward its
+    target, since the delta head moves one layer per tick, and the closest KV fraction."""
+    step = (action.layers > quantized_layers) - (action.layers < quantized_layers)
+    nearest = min(range(len(KV_FRACTIONS)),
+                  key=lambda i: abs(KV_FRACTIONS[i] - action.kv_fraction))
+    return DELTA_ACTIONS.index(step), nearest
 
 
 def target_layers(answer: int | Action) -> int:

@@ -1,7 +1,7 @@
 """A PPO-trained controller, run in numpy from the actor file exported beside its checkpoint.
 
 A checkpoint is three files with one stem: ``NAME.zip`` (stable-baselines3's PPO, for training
-and export), ``NAME.json`` (metadata: observation version and size, action mode, training
+and export), ``NAME.json`` (metadata: observation version and size, action space, training
 set-up) and ``NAME.actor.npz`` (the actor network's weights, written by
 ``python -m rl_controller.actor_export NAME.zip``). Serving reads only the last two: a decision
 is then a few small matrix products (no torch dispatch on the scheduler's hot path, no SB3 in
@@ -20,7 +20,14 @@ import numpy as np
 from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import OBS_SIZE, OBS_VERSION, LoadSnapshot, observation_vector
-from rl_controller.policy import DELTA_ACTIONS
+from rl_controller.policy import (
+    DELTA_ACTIONS,
+    KV_FRACTIONS,
+    RL_ACTION_NVEC,
+    RL_ACTION_SPACE,
+    Action,
+    rl_action,
+)
 
 ACTIVATIONS = {"Tanh": np.tanh, "ReLU": lambda x: np.maximum(x, 0.0)}
 """Activations the numpy actor implements, by the name of SB3's torch module."""
@@ -56,8 +63,16 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def action_metadata() -> dict:
+    """How checkpoints record the action this code maps (training writes it, loading checks it):
+    a checkpoint whose heads mean other deltas or fractions must not run."""
+    return {"action_mode": "delta", "action_space": RL_ACTION_SPACE,
+            "delta_actions": list(DELTA_ACTIONS), "kv_fractions": list(KV_FRACTIONS)}
+
+
 def read_metadata(checkpoint: str | Path) -> dict:
-    """The checkpoint's metadata, checked against this code's observation definition."""
+    """The checkpoint's metadata, checked against this code's observation and action
+    definitions."""
     path = metadata_path(checkpoint)
     try:
         meta = json.loads(path.read_text())
@@ -78,10 +93,12 @@ def read_metadata(checkpoint: str | Path) -> dict:
             f"(size {meta.get('obs_size')}); this code builds version {OBS_VERSION} "
             f"(size {OBS_SIZE}): retrain it"
         )
-    if meta.get("action_mode") != "delta":
+    expected = action_metadata()
+    recorded = {key: meta.get(key) for key in expected}
+    if recorded != expected:
         raise CheckpointError(
-            f"checkpoint metadata {path} says action mode {meta.get('action_mode')!r}; this code "
-            f"expects 'delta' (actions {DELTA_ACTIONS})"
+            f"checkpoint metadata {path} says actions {recorded}; this code expects "
+            f"{expected}: retrain it"
         )
     return meta
 
@@ -96,17 +113,36 @@ def forward(layers: list[Layer], obs: np.ndarray) -> np.ndarray:
     return x
 
 
+_HEAD_SLICES = tuple(
+    slice(end - n, end) for n, end in zip(RL_ACTION_NVEC, np.cumsum(RL_ACTION_NVEC).tolist())
+)
+"""Where each head's logits lie in the actor's output (computed once: a decision runs every
+tick, and ``np.split`` alone would cost about as much as the network)."""
+
+
+def action_heads(logits: np.ndarray) -> list[np.ndarray]:
+    """The actor's output split into its heads' logits (``RL_ACTION_NVEC``: layer delta, then
+    KV fraction), as SB3's MultiDiscrete distribution splits it (last axis)."""
+    return [logits[..., span] for span in _HEAD_SLICES]
+
+
 def log_probs(logits: np.ndarray) -> np.ndarray:
-    """Logits normalised as SB3's categorical distribution reports them."""
-    top = logits.max(axis=-1, keepdims=True)
-    return logits - top - np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True))
+    """Logits normalised per head, as SB3's MultiDiscrete distribution reports them (each
+    head a categorical), concatenated."""
+    normalised = []
+    for head in action_heads(logits):
+        top = head.max(axis=-1, keepdims=True)
+        normalised.append(head - top - np.log(np.sum(np.exp(head - top), axis=-1, keepdims=True)))
+    return np.concatenate(normalised, axis=-1)
 
 
 class RLPolicy:
-    """Greedy (argmax) decisions of a PPO actor network over ``DELTA_ACTIONS``, in numpy.
+    """Greedy (argmax per head) decisions of a PPO actor network over ``DELTA_ACTIONS`` and
+    ``KV_FRACTIONS``, in numpy.
 
-    The observation holds fractions and the action is a delta, so nothing here depends on the
-    model's layer count: a policy trained on one model runs on another.
+    The observation holds fractions and the action is a delta and a fraction, so nothing here
+    depends on the model's layer count or KV size: a policy trained on one model runs on
+    another.
     """
 
     name = "rl"
@@ -154,14 +190,16 @@ class RLPolicy:
         """Action logits of the actor for one observation vector."""
         return forward(self.layers, obs)
 
-    def decide(self, snap: LoadSnapshot) -> int:
-        """Current layers plus the argmax delta, within [0, num_layers]; PolicyOutputError
-        when the output cannot be trusted."""
+    def decide(self, snap: LoadSnapshot) -> Action:
+        """Current layers plus the argmax delta, within [0, num_layers], and the argmax KV
+        fraction (SB3's deterministic action); PolicyOutputError when the output cannot be
+        trusted."""
         logits = self.logits(observation_vector(snap))
         if not np.all(np.isfinite(logits)):
             raise PolicyOutputError(f"non-finite policy output {logits.tolist()}")
-        target = snap.quantized_layers + DELTA_ACTIONS[int(np.argmax(logits))]
-        return min(max(target, 0), snap.num_layers)
+        action = rl_action([int(np.argmax(h)) for h in action_heads(logits)],
+                           snap.quantized_layers)
+        return Action(min(max(action.layers, 0), snap.num_layers), action.kv_fraction)
 
 
 def arrays_from_layers(layers: list[Layer]) -> dict[str, np.ndarray]:
@@ -175,7 +213,8 @@ def arrays_from_layers(layers: list[Layer]) -> dict[str, np.ndarray]:
 
 
 def _layers_from_arrays(arrays: dict[str, np.ndarray], actor: Path) -> list[Layer]:
-    """The actor's layers, checked to map OBS_SIZE features to one logit per delta action."""
+    """The actor's layers, checked to map OBS_SIZE features to one logit per action of each
+    head (``RL_ACTION_NVEC``)."""
     expected = ("activations", "checkpoint_sha256", "probes", "probe_log_probs")
     missing = [k for k in expected if k not in arrays]
     if missing:
@@ -197,17 +236,19 @@ def _layers_from_arrays(arrays: dict[str, np.ndarray], actor: Path) -> list[Laye
             )
         layers.append((weight, bias, name or None))
         width = weight.shape[0]
-    if not layers or width != len(DELTA_ACTIONS):
+    if not layers or width != sum(RL_ACTION_NVEC):
         raise CheckpointError(
-            f"actor file {actor} has {width if layers else 0} actions; this code expects "
-            f"{len(DELTA_ACTIONS)} (deltas {DELTA_ACTIONS})"
+            f"actor file {actor} has {width if layers else 0} action logits; this code expects "
+            f"{sum(RL_ACTION_NVEC)} ({RL_ACTION_SPACE}: deltas {DELTA_ACTIONS}, KV fractions "
+            f"{KV_FRACTIONS}): retrain it"
         )
     return layers
 
 
 class FallbackPolicy:
-    """The RL policy with the heuristic as its stand-in, as a plain ``Policy`` (decide -> int)
-    for offline tools that step an environment; counts the ticks the heuristic decided."""
+    """The RL policy with the heuristic as its stand-in, as a plain ``Policy`` (decide ->
+    clipped ``Action``) for offline tools that step an environment; counts the ticks the
+    heuristic decided."""
 
     name = "rl+fallback"
 
@@ -221,8 +262,9 @@ class FallbackPolicy:
         checkpoint cannot be run (never a silent switch to the heuristic)."""
         return cls(RLPolicy.load(path))
 
-    def decide(self, snap: LoadSnapshot) -> int:
-        """The RL target, or the heuristic's when RL fails on this snapshot."""
+    def decide(self, snap: LoadSnapshot) -> Action:
+        """The RL action, or the heuristic's when RL fails on this snapshot, clipped as the
+        runtime clips it."""
         decision = self.controller.decide(snap)
         self.fallbacks += decision.fell_back
-        return decision.target
+        return Action(decision.target, decision.kv_fraction)

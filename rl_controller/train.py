@@ -51,8 +51,8 @@ from eval.traces import LengthMapping, Trace
 from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
-from rl_controller.policy import DELTA_ACTIONS, target_layers
-from rl_controller.rl_policy import RLPolicy
+from rl_controller.policy import DELTA_ACTIONS, KV_FRACTIONS, rl_indices
+from rl_controller.rl_policy import RLPolicy, action_metadata
 from sglang_morph.cli import (
     UsageError,
     exit_with,
@@ -109,7 +109,8 @@ class Args:
     profile: str = _arg(str(default_profile("int4")),
                         "layer-importance profile the server quantizes in (recorded; give the "
                         "server the same --morph-profile)")
-    slo_weight: float = _arg(RewardWeights.slo, "reward cost of one SLO violation")
+    slo_weight: float = _arg(RewardWeights.slo, "reward cost of one TTFT SLO violation")
+    tpot_weight: float = _arg(RewardWeights.tpot, "reward cost of one TPOT SLO violation")
     quality_weights: str = _arg(str(RewardWeights.quality), "comma-separated costs of a token "
                                 "at quality delta 1: one candidate each (per seed)")
     transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
@@ -142,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 class EpisodeLog(BaseCallback):
-    """Collects each finished episode's return, SLO violations and quality cost."""
+    """Collects each finished episode's return, TTFT and TPOT violations and quality cost."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -159,15 +160,14 @@ class EpisodeLog(BaseCallback):
 
 
 def heuristic_demonstration(env: MorphEnv, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Observations and delta actions (index into DELTA_ACTIONS) of the heuristic on a window,
-    moving one layer per tick toward its target as the delta action space allows."""
+    """Observations and RL actions (rows of indices into DELTA_ACTIONS and KV_FRACTIONS) of the
+    heuristic on a window, moving one layer per tick toward its target as the delta head
+    allows, at the KV limit it chose."""
     obs, _ = env.reset(options={"window": window})
     policy, observations, actions, done = HeuristicPolicy(), [], [], False
     while not done:
         assert env.snapshot is not None
-        target = target_layers(policy.decide(env.snapshot))
-        step = np.sign(target - env.snapshot.quantized_layers)
-        action = DELTA_ACTIONS.index(int(step))
+        action = rl_indices(policy.decide(env.snapshot), env.snapshot.quantized_layers)
         observations.append(obs)
         actions.append(action)
         obs, _, terminated, truncated, _ = env.step(action)
@@ -175,31 +175,47 @@ def heuristic_demonstration(env: MorphEnv, window: int) -> tuple[np.ndarray, np.
     return np.array(observations), np.array(actions)
 
 
+def _agreement(cloned: torch.Tensor, demonstrated: torch.Tensor) -> float | None:
+    """Share of rows where the clone picks the demonstrated action (every head of the row, for
+    rows of several heads); None without rows."""
+    if not len(demonstrated):
+        return None
+    same = (cloned == demonstrated).reshape(len(demonstrated), -1).all(dim=1)
+    return float(same.float().mean())
+
+
 def behaviour_clone(
     model: PPO, demos: list[tuple[np.ndarray, np.ndarray]], epochs: int, learning_rate: float
 ) -> dict:
-    """Fit the policy's action distribution to the demonstrated actions (cross-entropy), and
-    report how often the clone picks the demonstrated action, on every tick and on the ticks
-    that move a layer (the rare ones that matter)."""
+    """Fit the policy's action distribution to the demonstrated actions (negative
+    log-likelihood of both heads together: the sum of their cross-entropies), and report how
+    often the clone picks the demonstrated action: both heads on every tick, the layer head on
+    the ticks that move a layer, and the KV head on every tick and on those that limit KV (the
+    rare ticks that matter)."""
     demo_obs = torch.as_tensor(np.concatenate([o for o, _ in demos]))
     demo_actions = torch.as_tensor(np.concatenate([a for _, a in demos]))
     optimizer = torch.optim.Adam(model.policy.parameters(), lr=learning_rate)
     for _ in range(epochs):
         for batch in torch.randperm(len(demo_actions)).split(512):
             dist = model.policy.get_distribution(demo_obs[batch])
-            loss = torch.nn.functional.cross_entropy(dist.distribution.logits, demo_actions[batch])
+            loss = -dist.log_prob(demo_actions[batch]).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        cloned = model.policy.get_distribution(demo_obs).distribution.logits.argmax(1)
-    moves = demo_actions != DELTA_ACTIONS.index(0)
+        cloned = model.policy.get_distribution(demo_obs).mode()
+    layers, kv = demo_actions[:, 0], demo_actions[:, 1]
+    moves = layers != DELTA_ACTIONS.index(0)
+    limited = kv != KV_FRACTIONS.index(1.0)
     return {
         "bc_epochs": epochs,
         "demonstration_ticks": len(demo_actions),
         "demonstration_moves": int(moves.sum()),
-        "agreement": float((cloned == demo_actions).float().mean()),
-        "move_agreement": float((cloned[moves] == demo_actions[moves]).float().mean()),
+        "demonstration_kv_limited": int(limited.sum()),
+        "agreement": _agreement(cloned, demo_actions),
+        "move_agreement": _agreement(cloned[moves, 0], layers[moves]),
+        "kv_agreement": _agreement(cloned[:, 1], kv),
+        "kv_limited_agreement": _agreement(cloned[limited, 1], kv[limited]),
     }
 
 
@@ -210,18 +226,20 @@ def portable_args(args: Args) -> dict:
 
 
 def plot_training_curve(rows: list[dict], args: Args, seed: int, path: Path) -> None:
-    """Return, SLO violation rate and quality cost per episode, each with a rolling mean:
+    """Return, TTFT and TPOT violation rates and quality cost per episode, each with a rolling
+    mean:
     per-episode values are noisy, since windows differ in load."""
     steps = np.array([r["timestep"] for r in rows])
     series = {
         "episode return": np.array([r["return"] for r in rows]),
-        "SLO violation rate": np.array([r["late"] / max(r["requests"], 1) for r in rows]),
+        "TTFT violation rate": np.array([r["late"] / max(r["requests"], 1) for r in rows]),
+        "TPOT violation rate": np.array([r["tpot_late"] / max(r["requests"], 1) for r in rows]),
         "quality cost / token": np.array(
             [r["quality_cost"] / max(r["generated_tokens"], 1) for r in rows]
         ),
     }
-    fig = Figure(figsize=(14, 3.8))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(18, 3.8))
+    axes = fig.subplots(1, len(series))
     k = max(1, len(rows) // 25)
     for ax, (label, y) in zip(axes, series.items(), strict=True):
         ax.plot(steps, y, ".", alpha=0.2, markersize=3)
@@ -323,7 +341,8 @@ def train_candidate(
         gae_lambda=args.gae_lambda, ent_coef=args.ent_coef, seed=seed, device="cpu",
         policy_kwargs={"net_arch": [args.hidden, args.hidden]}, verbose=0,
     )
-    # Warm start: clone the heuristic (one layer per tick toward its target) before PPO. From a
+    # Warm start: clone the heuristic (one layer per tick toward its target, at its KV limit:
+    # both heads) before PPO. From a
     # random policy, PPO settles on a constant layer count (every exploratory move pays a swap
     # and the benefit shows up only later); from the heuristic it refines timing instead.
     start = time.time()
@@ -342,9 +361,7 @@ def train_candidate(
         "obs_version": OBS_VERSION,
         "obs_size": OBS_SIZE,
         "features": list(FEATURES),
-        "action_mode": "delta",
-        "action_space": f"Discrete({len(DELTA_ACTIONS)}): change of the int4 layer count by "
-        f"{list(DELTA_ACTIONS)}",
+        **action_metadata(),
         "num_layers": replica.num_layers,
         "trace": args.trace,
         "time_scale": args.time_scale,
@@ -417,20 +434,26 @@ def main(argv: list[str] | None = None) -> None:
                   f"{len(inputs.val_windows)} validation and {len(inputs.test_windows)} test "
                   f"windows, time scale {args.time_scale:g}; calibration: "
                   f"{inputs.calibration.source}; seeds {seeds}, quality weights {quality_weights}")
-    reference = RewardWeights(args.slo_weight, quality_weights[0], args.transition_weight)
+    def weights_with(quality: float) -> RewardWeights:
+        """The command line's reward weights with quality weight ``quality``."""
+        return RewardWeights(slo=args.slo_weight, quality=quality,
+                             transition=args.transition_weight, tpot=args.tpot_weight)
+
+    reference = weights_with(quality_weights[0])
     workdir = Path(tempfile.mkdtemp(prefix="morph-train-"))
     try:
         # 1. Candidates, each judged on the validation windows only.
         validation = judged(inputs, inputs.val_windows, reference, args)
         candidates = []
         for quality_weight in quality_weights:
-            weights = RewardWeights(args.slo_weight, quality_weight, args.transition_weight)
+            weights = weights_with(quality_weight)
             for seed in seeds:
                 path = workdir / f"q{quality_weight:g}-seed{seed}.zip"
                 c = train_candidate(args, inputs, weights, seed, path, console)
                 c.val = rl_result(validation, path)
-                console.print(f"  validation reward {c.val.reward:.1f}, violations "
-                              f"{c.val.violation_rate:.2%}")
+                console.print(f"  validation reward {c.val.reward:.1f}, TTFT violations "
+                              f"{c.val.violation_rate:.2%}, TPOT violations "
+                              f"{c.val.tpot_violation_rate:.2%}")
                 candidates.append(c)
         best = max(candidates, key=lambda c: c.val.reward)
         # 2. The test windows, once per candidate, after the choice.
@@ -457,13 +480,14 @@ def main(argv: list[str] | None = None) -> None:
     print_results(results, f"test windows ({len(inputs.test_windows)} x {args.window_s:g} s), "
                   f"seed {best.seed}, quality weight {best.quality_weight:g}", console)
     table = Table(title="every candidate (chosen on validation; test replayed once)")
-    for column in ("seed", "quality weight", "val reward", "val violations", "test reward",
-                   "test violations", "test quality/token"):
+    for column in ("seed", "quality weight", "val reward", "val TTFT viol.", "val TPOT viol.",
+                   "test reward", "test TTFT viol.", "test TPOT viol.", "test quality/token"):
         table.add_column(column)
     for c in candidates:
         table.add_row(str(c.seed), f"{c.quality_weight:g}", f"{c.val.reward:.1f}",
-                      f"{c.val.violation_rate:.2%}", f"{c.test.reward:.1f}",
-                      f"{c.test.violation_rate:.2%}", f"{c.test.quality_per_token:.4f}")
+                      f"{c.val.violation_rate:.2%}", f"{c.val.tpot_violation_rate:.2%}",
+                      f"{c.test.reward:.1f}", f"{c.test.violation_rate:.2%}",
+                      f"{c.test.tpot_violation_rate:.2%}", f"{c.test.quality_per_token:.4f}")
     console.print(table)
     meta["eval"] = [r.as_dict() for r in results]
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")

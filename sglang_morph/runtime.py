@@ -484,6 +484,8 @@ class MorphRuntime:
             "kv_limit_fraction": self.kv_fraction,
             "kv_limit_changes": self.kv_limit_changes,
             "kv_budget_tokens": self._budget_capacity(self.formats()) if self.kv else None,
+            "kv_min_tokens": self.kv.min_tokens if self.kv else None,
+            "kv_segment_tokens": self.kv.segment if self.kv else None,
             "kv_resize_complete": self.kv.complete if self.kv else True,
             "queue_len": len(s.waiting_queue),
             "running_reqs": len(scheduler_view.active_requests(s)),

@@ -21,6 +21,8 @@ from sglang_morph.paths import REPO_ROOT
 
 LAUNCHER = "sglang_morph.launch_server"
 HEALTH_TIMEOUT_S = float(os.environ.get("MORPH_TEST_HEALTH_TIMEOUT", "240"))
+PORT_ATTEMPTS = 3
+"""Starts tried on freshly chosen ports when the chosen port was taken before the bind."""
 
 
 class ServerError(RuntimeError):
@@ -67,9 +69,6 @@ class Server:
     ) -> None:
         if port is not None and not port_is_free(port, host):
             raise ServerError(f"port {port} on {host} is already in use; pick another port")
-        self.port = port or free_port()
-        self.url = f"http://{host}:{self.port}"
-        self.client = MorphClient(self.url)
         if log_path is None:
             log_path = Path(tempfile.mkstemp(prefix="morph-server-", suffix=".log")[1])
         self.log_path = log_path
@@ -80,21 +79,40 @@ class Server:
         full_env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH")) if p
         )
-        cmd = [sys.executable, "-m", module, "--host", host, "--port", str(self.port), *args]
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "wb") as log:
+        # A port the OS called free can be taken before the server binds it (a client's
+        # ephemeral port, typically while another replay opens connections): a chosen port is
+        # then chosen again.
+        for attempt in range(1 if port is not None else PORT_ATTEMPTS):
+            self.port = port or free_port()
+            self.url = f"http://{host}:{self.port}"
+            self.client = MorphClient(self.url)
+            cmd = [sys.executable, "-m", module, "--host", host, "--port", str(self.port), *args]
+            self._spawn(cmd, full_env)
+            try:
+                self._wait_healthy(health_timeout_s)
+                return
+            except ServerError:
+                self.stop()
+                if port is not None or attempt + 1 == PORT_ATTEMPTS or not self._bind_failed():
+                    raise
+            except BaseException:  # also Ctrl-C: the server is in its own session, would live on
+                self.stop()
+                raise
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
             log.write(("$ " + " ".join(cmd) + "\n").encode())
             log.flush()
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=tempfile.gettempdir(), env=full_env, start_new_session=True,
+                cwd=tempfile.gettempdir(), env=env, start_new_session=True,
                 preexec_fn=functools.partial(_die_with_owner, os.getpid()),
             )  # fmt: skip
-        try:
-            self._wait_healthy(health_timeout_s)
-        except BaseException:  # also Ctrl-C: the server is in its own session and would live on
-            self.stop()
-            raise
+
+    def _bind_failed(self) -> bool:
+        """Whether the server's log says its port was taken when it tried to bind."""
+        return "address already in use" in self.tail(20).lower()
 
     def _wait_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

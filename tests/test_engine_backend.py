@@ -8,7 +8,7 @@ import pytest
 from envs.engine_backend import EngineBackend
 from envs.morph_env import MorphEnv, prepare_trace
 from eval.traces import LengthMapping, burstiest_window
-from rl_controller.policy import ConstantPolicy, Policy
+from rl_controller.policy import Action, ConstantPolicy, Policy
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +73,14 @@ def test_reset_starts_the_window_again_from_full_precision(env: MorphEnv) -> Non
     # and raises otherwise; a state read now may already see the new window's first request.
     assert env.backend.state()["quantized_layers"] == 0
     assert env.stats.ticks == 0
+
+
+def test_kv_fraction_sets_and_lifts_the_servers_kv_limit(env: MorphEnv) -> None:
+    backend: EngineBackend = env.backend
+    env.reset()
+    budget = env.snapshot.kv_budget_tokens
+    env.step(Action(0, 0.75))  # above the server's KV floor (the longest admissible request)
+    assert backend.state()["kv_limit_tokens"] == int(0.75 * budget)
+    env.step(Action(0, 1.0))
+    assert backend.state()["kv_limit_tokens"] is None
+    assert env.stats.kv_fraction_ticks == 1.75

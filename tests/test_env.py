@@ -14,14 +14,16 @@ from gymnasium.utils.env_checker import check_env
 import envs  # noqa: F401  (registers MorphServe-v0)
 from envs.backend import AdvanceResult
 from envs.calibration import load_replica
-from envs.episodes import env_from_metadata, evaluate_policies
+from envs.engine_backend import kv_limit_tokens
+from envs.episodes import env_from_metadata, evaluate_policies, run_episode
 from envs.morph_env import MorphEnv, split_windows
 from envs.policies import POLICY_NAMES, make_policy, standard_policies
-from envs.reward import RewardWeights, load_quality_table
+from envs.reward import RewardWeights, load_quality_table, tick_terms
+from envs.simulator import ReplicaConfig
 from eval.traces import Trace, TraceRequest
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
-from rl_controller.policy import ConstantPolicy
+from rl_controller.policy import KV_FRACTIONS, Action, ConstantPolicy
 from rl_controller.rl_policy import FallbackPolicy, read_metadata
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
@@ -49,7 +51,8 @@ def test_registered() -> None:
     env = gym.make("MorphServe-v0", trace=synthetic_trace(), windows=[(0.0, 10.0)])
     obs, _ = env.reset(seed=1)
     assert env.observation_space.contains(obs)
-    assert env.action_space.n == 3  # restore one / hold / quantize one more
+    # restore one / hold / quantize one more, and the KV limit's fraction
+    assert env.action_space.nvec.tolist() == [3, len(KV_FRACTIONS)] == [3, 3]
 
 
 def test_seeded_window_choice_is_reproducible() -> None:
@@ -67,10 +70,11 @@ def test_episode_truncates_at_window_end() -> None:
     env.reset(options={"window": 0})
     steps, truncated = 0, False
     while not truncated:
-        _, _, terminated, truncated, info = env.step(0)
+        _, _, terminated, truncated, info = env.step((1, 2))  # hold, full KV
         assert not terminated
         steps += 1
     assert steps == 20 and "morph_episode" in info
+    assert info["morph_episode"]["tpot_late"] == env.stats.tpot_late
 
 
 def test_unsafe_restore_is_clipped_and_counted() -> None:
@@ -86,15 +90,16 @@ def test_unsafe_restore_is_clipped_and_counted() -> None:
 
 
 def test_reward_is_the_weighted_sum_of_its_terms() -> None:
-    weights = RewardWeights(slo=2.0, quality=0.5, transition=0.3)
+    weights = RewardWeights(slo=2.0, quality=0.5, transition=0.3, tpot=0.7)
     env = make_env(weights=weights)
     env.reset(options={"window": 1})
     rng = np.random.default_rng(0)
     total = 0.0
     for _ in range(40):
-        total += env.step(int(rng.integers(0, 3)))[1]
+        total += env.step(rng.integers(0, 3, size=2))[1]
     s = env.stats
-    expected = -(2.0 * s.late + 0.5 * s.quality_cost + 0.3 * s.swapped_layers)
+    expected = -(2.0 * s.late + 0.7 * s.tpot_late + 0.5 * s.quality_cost
+                 + 0.3 * s.swapped_layers)
     assert total == pytest.approx(expected) == pytest.approx(s.reward)
     assert s.swapped_layers > 0 and s.generated_tokens > 0
 
@@ -102,9 +107,70 @@ def test_reward_is_the_weighted_sum_of_its_terms() -> None:
 def test_delta_actions_move_one_layer() -> None:
     env = make_env()
     env.reset(options={"window": 0})
-    assert [env.step(a)[4]["target"] for a in (2, 2, 1, 0, 0, 0)] == [1, 2, 2, 1, 0, 0]
+    steps = [env.step((a, 2))[4]["target"] for a in (2, 2, 1, 0, 0, 0)]
+    assert steps == [1, 2, 2, 1, 0, 0]
     assert env.stats.clipped_actions == 1  # the last restore, below 0
     assert env.stats.swapped_layers == 4
+
+
+def test_kv_fraction_action_lowers_the_capacity() -> None:
+    env = make_env()
+    env.reset(options={"window": 0})
+    budget = env.snapshot.kv_budget_tokens
+    _, _, _, _, info = env.step((1, 0))  # hold the layers, KV limit at KV_FRACTIONS[0] = 0.5
+    assert info["kv_fraction"] == 0.5 and not info["clipped"]
+    floor = env.replica.kv_floor_tokens  # one maximum-length request (511 here): 384 would
+    assert int(0.5 * budget) < floor     # strand requests the server admits
+    assert env.backend.capacity == env.snapshot.kv_capacity_tokens == floor
+    env.step((2, 2))  # one more layer, the full budget again
+    assert env.backend.capacity == env.snapshot.kv_budget_tokens > budget
+    assert env.stats.kv_fraction_ticks == pytest.approx(1.5)
+
+
+def test_target_mode_applies_an_actions_kv_fraction_and_clips_it() -> None:
+    heavy = Trace("heavy", tuple(TraceRequest(0.0, 300, 150) for _ in range(3)), {"span_s": 5.0})
+    env = MorphEnv(heavy, [(0.0, 5.0)], action_mode="target")
+    env.reset()
+    env.step(Action(2, 0.75))
+    assert env.backend.capacity == int(0.75 * env.snapshot.kv_budget_tokens)
+    env.step(5)  # a bare target: the full budget
+    used = env.snapshot.kv_used_tokens
+    assert used > 0.5 * env.snapshot.kv_budget_tokens
+    _, _, _, _, info = env.step(Action(5, 0.5))  # would cut below the tokens in use
+    assert info["clipped"] and info["kv_fraction"] > 0.5
+    assert env.stats.clipped_actions == 1
+    assert env.snapshot.kv_used_tokens <= env.snapshot.kv_capacity_tokens
+
+
+def test_tpot_violations_are_counted_and_priced() -> None:
+    """Every finished multi-token request breaks a TPOT SLO of a nanosecond: the episode counts
+    each once, and with only the TPOT weight the reward is minus their number."""
+    only_tpot = RewardWeights(slo=0.0, quality=0.0, transition=0.0, tpot=1.0)
+    env = make_env(replica=ReplicaConfig(tpot_slo_s=1e-9), weights=only_tpot,
+                   action_mode="target")
+    stats = run_episode(env, ConstantPolicy(0), 0)
+    multi_token = sum(r.output_tokens > 1 for r in env.backend.records)
+    assert stats.tpot_late == multi_token > 0
+    assert stats.reward == pytest.approx(-stats.tpot_late)
+
+
+def test_reward_terms_of_a_tick() -> None:
+    snap = LoadSnapshot(0, 0, 0, 0, 512, 0, 512, 0, 0.0, 0.0, 0.08, 0, 5, 122, 0, 1.0)
+    result = AdvanceResult(snap, (), generated_tokens=20, newly_late=1, swapped_layers=2,
+                           newly_tpot_late=3)
+    terms = tick_terms(result, 2, (0.0, 0.1, 0.5, 1.0, 1.0, 1.0))
+    assert (terms.late, terms.tpot_late, terms.quality, terms.swapped) == (1, 3, 10.0, 2)
+    assert terms.reward(RewardWeights()) == pytest.approx(-(1 + 3 + 0.05 * 10 + 0.05 * 2))
+
+
+def test_engine_kv_limit_follows_the_fraction_of_the_budget() -> None:
+    snap = LoadSnapshot(0, 0, 0, 0, 1024, 0, 1024, 0, 0.0, 0.0, 0.08, 2, 5, 128, 0, 1.0,
+                        kv_budget_tokens=1024)
+    assert kv_limit_tokens(snap, 2, 1.0) == 0  # no limit
+    assert kv_limit_tokens(snap, 2, 0.75) == 768
+    assert kv_limit_tokens(snap, 5, 0.75) == 768  # a quantize: the present budget, until it lands
+    assert kv_limit_tokens(snap, 0, 0.75) == 576  # a restore: the smaller budget at once
+    assert kv_limit_tokens(snap, 0, 0.5, floor_tokens=511) == 511  # never below the floor
 
 
 def test_quality_table_must_match_layers() -> None:
@@ -123,22 +189,23 @@ class ConstantBackend:
 
     def __init__(self) -> None:
         self.snap = LoadSnapshot(0, 0, 0, 0, 512, 0, 512, 0, 0.0, 0.0, 0.08, 0, 5, 122, 0, 1.0)
-        self.targets: list[int] = []
+        self.targets: list[tuple[int, float]] = []
 
     def reset(self, window: Trace) -> LoadSnapshot:
         return self.snap
 
-    def advance(self, dt: float, target_layers: int) -> AdvanceResult:
-        self.targets.append(target_layers)
-        return AdvanceResult(self.snap, (), 10, 1, 0)
+    def advance(self, dt: float, target_layers: int, kv_fraction: float = 1.0) -> AdvanceResult:
+        self.targets.append((target_layers, kv_fraction))
+        return AdvanceResult(self.snap, (), 10, 1, 0, newly_tpot_late=2)
 
 
 def test_custom_backend_plugs_in() -> None:
     backend = ConstantBackend()
     env = make_env(backend=backend, action_mode="target")
     env.reset()
-    _, reward, *_ = env.step(0)
-    assert backend.targets == [0] and reward == pytest.approx(-1.0)
+    _, reward, _, _, info = env.step(Action(0, 0.75))
+    assert backend.targets == [(0, 0.75)] and reward == pytest.approx(-3.0)  # 1 TTFT + 2 TPOT
+    assert info["tpot_late"] == 2 and env.stats.tpot_late == 2
     with pytest.raises(ValueError, match="accepted: simulator, engine"):
         make_env(backend="gpu")
 
@@ -167,6 +234,8 @@ def test_evaluation_totals_every_window_with_fresh_policies() -> None:
     for r in results:
         assert r.windows == 4 and r.requests == requests
         assert r.as_dict()["violation_rate"] == r.violation_rate
+        assert r.as_dict()["tpot_violation_rate"] == r.tpot_violation_rate
+        assert 0.5 <= r.mean_kv_fraction <= 1.0
     fp = results[1]
     assert fp.swapped_layers == 0 and fp.mean_layers == 0 and fp.quality_cost == 0
     assert len(snapshots) == 4 * 10 / env.tick_s  # the heuristic's ticks only

@@ -53,6 +53,10 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "bad value": (["--load", "5"], "--load"),
         "missing file": (["--trace", "{missing}.csv"], "--trace"),
     },
+    "eval.steady": {
+        "bad value": (["--policies", "heuristic,chatter"], "--policies heuristic,chatter"),
+        "missing file": (["--rl-checkpoint", "{missing}.zip"], "--rl-checkpoint"),
+    },
     "rl_controller.actor_export": {
         "bad value": (["{tmp}/a-file"], "cannot load checkpoint"),
         "missing file": (["{missing}.zip"], "does not exist"),

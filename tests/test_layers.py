@@ -80,6 +80,7 @@ FLOORS: dict[str, int] = {
     "eval.execute": WORKLOAD,
     "eval.stats": WORKLOAD,
     "eval.run_dir": WORKLOAD,
+    "eval.capacity": WORKLOAD,
     # simulation: the gymnasium environment, its simulator and backends
     "envs": SIMULATION,
     "envs.backend": SIMULATION,
@@ -100,6 +101,7 @@ FLOORS: dict[str, int] = {
     "eval.sweep": COMMAND,
     "eval.quality": COMMAND,
     "eval.soak": COMMAND,
+    "eval.steady": COMMAND,
     "envs.calibrate": COMMAND,
     "envs.sim_vs_real": COMMAND,
     "rl_controller.train": COMMAND,

@@ -13,6 +13,7 @@ from rl_controller.clock import LoadClock
 from rl_controller.observation import (
     FEATURES,
     OBS_SIZE,
+    OBS_VERSION,
     LoadSnapshot,
     RawLoad,
     build_snapshot,
@@ -44,6 +45,9 @@ def test_shape_dtype_range() -> None:
         {"seconds_since_transition": math.inf, "ttft_slo_s": 0.0},
         {"kv_capacity_tokens": 0, "queue_len": 10**9},
         {"oldest_wait_s": -1.0, "kv_free_tokens": -5},
+        {"decode_iteration_s": math.inf, "tpot_slo_s": 0.05, "kv_budget_tokens": -3},
+        {"decode_iteration_s": math.nan, "tpot_slo_s": math.nan},
+        {"decode_iteration_s": 0.1, "tpot_slo_s": -1.0, "kv_budget_tokens": 10},
     ],
 )
 def test_bad_inputs_stay_finite_and_in_range(overrides: dict) -> None:
@@ -57,6 +61,31 @@ def test_features_respond_to_load() -> None:
     assert busy[0] > calm[0]  # queue length
     assert busy[3] == 0.0 and calm[3] == 1.0  # head fits in free + evictable
     assert busy[9] > calm[9]  # oldest wait relative to the SLO
+
+
+DECODE, LIMIT = 15, 16  # the KV-limit features (OBS_VERSION 2)
+
+
+def test_decode_iteration_is_judged_against_the_tpot_target() -> None:
+    at_target = snapshot(decode_iteration_s=0.04, tpot_slo_s=0.04)
+    assert observation_vector(at_target)[DECODE] == pytest.approx(0.5)
+    assert observation_vector(snapshot(decode_iteration_s=0.02, tpot_slo_s=0.04))[
+        DECODE] == pytest.approx(0.25)
+    assert observation_vector(snapshot(decode_iteration_s=0.5, tpot_slo_s=0.04))[DECODE] == 1.0
+    no_target = snapshot(decode_iteration_s=0.5)  # tpot_slo_s defaults to inf: no target
+    assert observation_vector(no_target)[DECODE] == 0.0
+
+
+def test_kv_limit_is_the_capacity_relative_to_the_budget() -> None:
+    assert observation_vector(snapshot(kv_budget_tokens=1512))[LIMIT] == pytest.approx(0.5)
+    assert observation_vector(snapshot(kv_budget_tokens=756))[LIMIT] == 1.0
+    assert observation_vector(snapshot(kv_budget_tokens=700))[LIMIT] == 1.0  # clipped
+    assert observation_vector(snapshot(kv_budget_tokens=0))[LIMIT] == 1.0  # unknown budget
+
+
+def test_the_version_counts_the_kv_limit_features() -> None:
+    assert OBS_VERSION == 2 and OBS_SIZE == 17
+    assert "tpot" in FEATURES[DECODE] and "kv_budget" in FEATURES[LIMIT]
 
 
 def raw(**overrides) -> RawLoad:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -20,11 +22,21 @@ from rl_controller.actor_export import export_actor
 from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import OBS_SIZE, OBS_VERSION, LoadSnapshot, observation_vector
-from rl_controller.policy import DELTA_ACTIONS, target_layers
+from rl_controller.policy import (
+    DELTA_ACTIONS,
+    KV_FRACTIONS,
+    RL_ACTION_SPACE,
+    Action,
+    rl_action,
+    rl_indices,
+    target_layers,
+)
 from rl_controller.rl_policy import (
     CheckpointError,
     FallbackPolicy,
     RLPolicy,
+    action_heads,
+    action_metadata,
     actor_path,
     arrays_from_layers,
 )
@@ -51,14 +63,15 @@ def snapshots() -> list[LoadSnapshot]:
 
 def write_metadata(zip_path: Path, **overrides) -> None:
     meta = {"obs_version": OBS_VERSION, "obs_size": OBS_SIZE, "num_layers": 5,
-            "action_mode": "delta", **overrides}
+            **action_metadata(), **overrides}
     zip_path.with_suffix(".json").write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PPO policy after 128 steps: untrained, but a real checkpoint in the real format, with
-    its metadata and exported actor."""
+    """A PPO policy after 128 steps (in pytest's temporary directory): untrained, but a real
+    checkpoint in the real format (MultiDiscrete action), with its metadata and exported
+    actor."""
     torch.set_num_threads(1)
     env = MorphEnv(trace(), [(0.0, 15.0)])
     model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu",
@@ -79,12 +92,34 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 
 def test_load_and_decide_match_sb3(checkpoint: Path) -> None:
+    """The numpy actor decides what SB3's deterministic prediction means, on both heads."""
     rl = RLPolicy.load(checkpoint)
     model = PPO.load(checkpoint, device="cpu")
     for snap in snapshots():
         action, _ = model.predict(observation_vector(snap), deterministic=True)
-        expected = min(max(snap.quantized_layers + DELTA_ACTIONS[int(action)], 0), 5)
-        assert rl.decide(snap) == expected
+        delta, fraction = action.tolist()
+        layers = min(max(snap.quantized_layers + DELTA_ACTIONS[delta], 0), 5)
+        assert rl.decide(snap) == Action(layers, KV_FRACTIONS[fraction])
+    # Each head's argmax, on observations all over the feature cube (an untrained network
+    # answers alike for the few snapshots above).
+    observations = np.random.default_rng(1).random((200, OBS_SIZE)).astype(np.float32)
+    predicted, _ = model.predict(observations, deterministic=True)
+    heads = [[int(np.argmax(h)) for h in action_heads(rl.logits(o))] for o in observations]
+    assert heads == predicted.tolist()
+    assert len({tuple(h) for h in heads}) > 1
+
+
+def test_rl_action_and_its_nearest_indices() -> None:
+    assert rl_action((0, 0), 3) == Action(2, 0.5)
+    assert rl_action((2, 2), 3) == Action(4, 1.0)
+    assert rl_indices(Action(5, 0.75), 3) == (2, 1)  # one layer toward 5
+    assert rl_indices(Action(0, 0.6), 3) == (0, 0)  # nearest fraction 0.5
+    assert rl_indices(Action(3, 1.0), 3) == (1, 2)
+    for k in range(6):
+        for fraction in KV_FRACTIONS:
+            for delta in DELTA_ACTIONS:
+                action = Action(k + delta, fraction)
+                assert rl_action(rl_indices(action, k), k) == action
 
 
 def test_export_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
@@ -121,18 +156,49 @@ def test_damaged_or_stale_actor_files_are_refused(tmp_path: Path, checkpoint: Pa
         RLPolicy.load(stale)
 
 
-def test_actor_with_other_actions_is_refused(tmp_path: Path, checkpoint: Path) -> None:
-    path = copy_checkpoint(checkpoint, tmp_path / "four.zip")
-    layers = [(np.ones((8, OBS_SIZE)), np.zeros(8), "Tanh"), (np.ones((4, 8)), np.zeros(4), None)]
+@pytest.mark.parametrize("outputs", [3, 4])  # 3: an actor of the layer delta alone (v1)
+def test_actor_with_other_actions_is_refused(
+    tmp_path: Path, checkpoint: Path, outputs: int
+) -> None:
+    path = copy_checkpoint(checkpoint, tmp_path / "other.zip")
+    layers = [(np.ones((8, OBS_SIZE)), np.zeros(8), "Tanh"),
+              (np.ones((outputs, 8)), np.zeros(outputs), None)]
     np.savez(actor_path(path), **arrays_from_layers(layers), probes=np.zeros((1, OBS_SIZE)),
-             probe_log_probs=np.zeros((1, 4)), checkpoint_sha256=np.array(""))
-    with pytest.raises(CheckpointError, match="has 4 actions; this code expects 3"):
+             probe_log_probs=np.zeros((1, outputs)), checkpoint_sha256=np.array(""))
+    expected = f"has {outputs} action logits; this code expects 6 ({RL_ACTION_SPACE}"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
         RLPolicy.load(path)
+
+
+class LayerDeltaOnly(gym.Env):
+    """The observation of today with the earlier action space (Discrete(3), the layer delta)."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (OBS_SIZE,), np.float32)
+    action_space = gym.spaces.Discrete(3)
+
+    def reset(self, *, seed=None, options=None):
+        return np.zeros(OBS_SIZE, np.float32), {}
+
+    def step(self, action):
+        return np.zeros(OBS_SIZE, np.float32), 0.0, False, True, {}
+
+
+def test_export_refuses_a_checkpoint_of_the_old_action_space(tmp_path: Path) -> None:
+    path = tmp_path / "delta-only.zip"
+    PPO("MlpPolicy", LayerDeltaOnly(), n_steps=64, batch_size=64, device="cpu",
+        policy_kwargs={"net_arch": [8]}).save(path)
+    write_metadata(path)
+    expected = "action space Discrete(3); this code expects MultiDiscrete([3, 3])"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        export_actor(path)
 
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"obs_version": OBS_VERSION + 1}, {"obs_size": OBS_SIZE - 1}, {"action_mode": "target"}],
+    [{"obs_version": OBS_VERSION + 1}, {"obs_size": OBS_SIZE - 1}, {"action_mode": "target"},
+     {"obs_version": 1, "obs_size": 15},  # the observation before the KV-limit features
+     {"action_space": "Discrete(3): change of the int4 layer count by [-1, 0, 1]"},
+     {"kv_fractions": [0.25, 0.5, 1.0]}],
 )
 def test_incompatible_metadata_raises(tmp_path: Path, checkpoint: Path, overrides: dict) -> None:
     path = copy_checkpoint(checkpoint, tmp_path / "other.zip")
@@ -161,7 +227,9 @@ def test_policy_runs_on_any_layer_count(checkpoint: Path) -> None:
     for layers in (2, 32):
         snap = dataclasses.replace(snapshots()[2], num_layers=layers,
                                    quantized_layers=min(3, layers))
-        assert abs(rl.decide(snap) - snap.quantized_layers) <= 1
+        action = rl.decide(snap)
+        assert abs(action.layers - snap.quantized_layers) <= 1
+        assert action.kv_fraction in KV_FRACTIONS
 
 
 # -- the controller --
@@ -212,7 +280,10 @@ def test_nan_output_falls_back(checkpoint: Path) -> None:
 def test_healthy_rl_does_not_fall_back(checkpoint: Path) -> None:
     rl = RLPolicy.load(checkpoint)
     policy = FallbackPolicy.from_checkpoint(checkpoint)
-    assert [policy.decide(s) for s in snapshots()] == [rl.decide(s) for s in snapshots()]
+    alone = Controller(rl)  # the same clips, no fallback
+    expected = [Action(d.target, d.kv_fraction) for d in map(alone.decide, snapshots())]
+    assert [policy.decide(s) for s in snapshots()] == expected
+    assert [a.layers for a in expected] == [rl.decide(s).layers for s in snapshots()]
     assert policy.fallbacks == 0
     broken = FallbackPolicy(rl)
     broken.controller.policy = Broken()
@@ -244,6 +315,10 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     meta = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert meta["obs_version"] == OBS_VERSION and meta["timesteps"] >= 256
+    assert {k: meta[k] for k in action_metadata()} == action_metadata()
+    assert meta["action_space"] == "MultiDiscrete([3, 3])"
+    warm = meta["warm_start"]
+    assert warm["demonstration_ticks"] > 0 and 0 <= warm["kv_agreement"] <= 1
     # Split by time: train < validation < test, none empty.
     train_end = max(e for _, e in meta["train_windows"])
     assert meta["val_windows"] and meta["eval_windows"]
@@ -270,4 +345,4 @@ def test_shipped_checkpoint_loads_and_never_trained_on_its_evaluation_windows() 
     last_train = max(end for _, end in meta["train_windows"])
     assert last_train <= min(start for start, _ in meta["eval_windows"])
     assert len(meta["quality_table"]) == meta["num_layers"] + 1
-    assert all(rl.decide(s) in range(6) for s in snapshots())
+    assert all(rl.decide(s).layers in range(6) for s in snapshots())

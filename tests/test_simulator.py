@@ -163,6 +163,17 @@ def test_kv_fraction_limits_admission_like_a_smaller_budget() -> None:
     assert second.ttft_s > first.e2e_s  # serialised, as the full budget would not be
 
 
+def test_kv_limit_rounds_to_segments_above_the_floor_as_the_runtime_does() -> None:
+    config = ReplicaConfig(base_capacity_tokens=768, tokens_per_layer=128, kv_floor_tokens=511,
+                           kv_segment_tokens=64)
+    sim = Simulator(MODEL, config)
+    sim.reset(window((5.0, 10, 2)))
+    for layers, fraction, expected in ((0, 0.5, 511), (0, 0.75, 576), (2, 0.75, 768),
+                                       (3, 0.5, 576), (5, 0.75, 1024), (5, 1.0, 1408)):
+        sim.advance(0.01, layers, kv_fraction=fraction)
+        assert sim.capacity == expected, (layers, fraction)
+
+
 def test_kv_fraction_never_cuts_below_the_tokens_in_use() -> None:
     sim = Simulator(MODEL)
     sim.reset(window((0.0, 300, 150)))
