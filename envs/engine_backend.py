@@ -161,7 +161,10 @@ class EngineBackend:
         if not obs:
             raise EngineError("the server publishes no last_observation (is it sglang-morph "
                               "with the manual policy, and has it ticked yet?)")
-        return LoadSnapshot(**{name: obs[name] for name in _SNAPSHOT_FIELDS})
+        fields = {name: obs[name] for name in _SNAPSHOT_FIELDS}
+        if fields["tpot_slo_s"] is None:  # JSON has no infinity: no TPOT target is sent as null
+            fields["tpot_slo_s"] = math.inf
+        return LoadSnapshot(**fields)
 
     # -- ServingBackend --
 
