@@ -19,9 +19,13 @@ from envs.calibration import IterationModel
 from envs.morph_env import EpisodeStats, MorphEnv, Window, prepare_trace, split_windows
 from envs.reward import RewardWeights
 from envs.simulator import ReplicaConfig
-from eval.traces import LengthMapping
+from eval.traces import LengthMapping, Trace, poisson_load
 from rl_controller.observation import LoadSnapshot
 from rl_controller.policy import Policy
+
+STEADY_S = 300.0
+"""Length of a simulated steady load (``env_from_metadata(steady_rate=...)``): five minutes, the
+engine benchmark's (``eval.steady``)."""
 
 
 def env_from_metadata(
@@ -32,6 +36,9 @@ def env_from_metadata(
     calibration: IterationModel | None = None,
     backend: str = "simulator",
     tick_s: float | None = None,
+    restore_window_s: float | None = None,
+    restore_max_window_s: float | None = None,
+    steady_rate: float | None = None,
 ) -> MorphEnv:
     """The environment a checkpoint was trained in, or a variant of it (another trace, load,
     engine timing, tick, or the real engine as backend), with absolute-target actions so that
@@ -40,6 +47,12 @@ def env_from_metadata(
     ``windows`` default to the checkpoint's test windows (``eval_windows``): those it recorded,
     or at another time scale the same test part of the trace cut anew; another trace has no
     held-out part, so it is replayed whole. Windows always have the training length.
+    The restore stabilization windows default to those the checkpoint was trained under (0 for
+    checkpoints older than the stabilizer: they were trained without one).
+
+    ``steady_rate`` replaces the windows by one steady load: ``STEADY_S`` of constant-rate
+    Poisson arrivals at that many requests per second (seeded), request shapes drawn from the
+    training part of the trace only, so a steady-load check touches no held-out request.
     """
     scale = meta["time_scale"] if time_scale is None else time_scale
     name = trace or meta["trace"]
@@ -52,6 +65,13 @@ def env_from_metadata(
             windows = split_windows(prepared, meta["window_s"], held_out)[1]
         else:
             windows = [tuple(w) for w in meta["eval_windows"]]
+    if steady_rate is not None:
+        end = meta["train_windows"][-1][1] * meta["time_scale"] / scale  # arrival_s / scale
+        shapes = Trace("train", tuple(r for r in prepared.requests if r.arrival_s < end))
+        requests = poisson_load(shapes, steady_rate, STEADY_S, seed=0)
+        prepared = Trace(f"poisson-{steady_rate:g}", requests, {"span_s": STEADY_S})
+        windows = [(0.0, STEADY_S)]
+    window = _given_or(restore_window_s, meta.get("restore_window_s", 0.0))
     return MorphEnv(
         prepared,
         windows,
@@ -62,7 +82,14 @@ def env_from_metadata(
         tick_s=meta["tick_s"] if tick_s is None else tick_s,
         backend=backend,
         action_mode="target",
+        restore_window_s=window,
+        restore_max_window_s=max(window, _given_or(restore_max_window_s,
+                                                   meta.get("restore_max_window_s", window))),
     )
+
+
+def _given_or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def run_episode(
@@ -94,6 +121,9 @@ class PolicyResult:
     quality_cost: float
     swapped_layers: int
     clipped_actions: int
+    held_restores: int
+    worst_minute_swaps: int
+    """The most layer swaps in one minute of any episode."""
     mean_layers: float
     mean_kv_fraction: float
     p95_ttft_s: float
@@ -135,6 +165,8 @@ def total(policy: str, episodes: Sequence[EpisodeStats]) -> PolicyResult:
         quality_cost=sum(e.quality_cost for e in episodes),
         swapped_layers=sum(e.swapped_layers for e in episodes),
         clipped_actions=sum(e.clipped_actions for e in episodes),
+        held_restores=sum(e.held_restores for e in episodes),
+        worst_minute_swaps=max((m for e in episodes for m in e.swaps_by_minute), default=0),
         mean_layers=sum(e.layer_ticks for e in episodes) / ticks if ticks else 0.0,
         mean_kv_fraction=sum(e.kv_fraction_ticks for e in episodes) / ticks if ticks else 1.0,
         p95_ttft_s=float(np.percentile(ttfts, 95)) if ttfts else 0.0,
@@ -163,7 +195,8 @@ def print_results(results: list[PolicyResult], title: str, console: Console) -> 
     """The comparison table."""
     table = Table(title=title)
     for column in ("policy", "TTFT violations", "TPOT violations", "quality cost/token",
-                   "mean int4 layers", "mean KV limit", "layer swaps", "clipped", "P95 TTFT ms",
+                   "mean int4 layers", "mean KV limit", "layer swaps", "clipped",
+                   "held restores", "worst minute swaps", "P95 TTFT ms",
                    "reward"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for r in results:
@@ -176,6 +209,8 @@ def print_results(results: list[PolicyResult], title: str, console: Console) -> 
             f"{r.mean_kv_fraction:.2f}",
             str(r.swapped_layers),
             str(r.clipped_actions),
+            str(r.held_restores),
+            str(r.worst_minute_swaps),
             f"{r.p95_ttft_s * 1e3:.0f}",
             f"{r.reward:.1f}",
         )

@@ -15,7 +15,9 @@ policy). Two action modes:
   action pair into an ``Action`` itself).
 
 Targets outside ``[0, L]`` or restoring layers whose KV is in use are clipped by
-``clip_action``, KV fractions by ``clip_kv_fraction``; both are counted. An episode replays one
+``clip_action``, KV fractions by ``clip_kv_fraction``; both are counted. Restores then pass
+the runtime's ``RestoreStabilizer`` (held ones are counted too), so every policy, the one in
+training included, acts under the rule it serves under. An episode replays one
 window of a trace (a random one per reset, from the env's seeded generator, or
 ``options={"window": i}``) and is truncated at its end.
 """
@@ -47,6 +49,8 @@ from rl_controller.policy import (
     clip_kv_fraction,
     rl_action,
 )
+from rl_controller.stabilizer import RestoreStabilizer
+from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
 from sglang_morph.paths import DEFAULT_CALIBRATION
 
 Window = tuple[float, float]
@@ -107,6 +111,10 @@ class EpisodeStats:
     quality_cost: float = 0.0
     swapped_layers: int = 0
     clipped_actions: int = 0
+    held_restores: int = 0
+    """Ticks at which ``RestoreStabilizer`` held a restore back."""
+    swaps_by_minute: list[int] = field(default_factory=list)
+    """Layer swaps in each minute of the episode (the steady-load target is per minute)."""
     ticks: int = 0
     layer_ticks: int = 0
     kv_fraction_ticks: float = 0.0
@@ -135,12 +143,16 @@ class MorphEnv(gym.Env):
         weights: RewardWeights | None = None,
         tick_s: float = 0.05,
         action_mode: str = "delta",
+        restore_window_s: float = RESTORE_WINDOW_S,
+        restore_max_window_s: float = RESTORE_MAX_WINDOW_S,
     ) -> None:
         """``trace`` is a prepared Trace, or a name/path prepared here with ``length_mapping``
         (default LengthMapping()) and ``time_scale``. ``windows`` default to all consecutive
         ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (starts a real server:
         ``envs.engine_backend``) or an object implementing ``ServingBackend``.
-        ``action_mode``: see the module docstring."""
+        ``action_mode``: see the module docstring. ``restore_window_s``, ``restore_max_window_s``:
+        the runtime's restore stabilization windows (``--morph-restore-window``,
+        ``--morph-restore-max-window``), applied to every policy here too."""
         if isinstance(trace, str):
             trace = prepare_trace(trace, length_mapping or LengthMapping(), time_scale)
         self.trace = trace
@@ -174,6 +186,9 @@ class MorphEnv(gym.Env):
         self.window: Window = self.windows[0]
         self.stats = EpisodeStats(requests=0)
         self._duration = 0.0
+        self.restore_window_s = restore_window_s
+        self.restore_max_window_s = restore_max_window_s
+        self._stabilizer = RestoreStabilizer(restore_window_s, restore_max_window_s)
 
     def _make_backend(
         self, backend: str | ServingBackend, calibration: IterationModel | str | Path | None
@@ -217,6 +232,7 @@ class MorphEnv(gym.Env):
         self._duration = window.duration_s
         self.snapshot = self.backend.reset(window)
         self.stats = EpisodeStats(requests=len(window.requests))
+        self._stabilizer = RestoreStabilizer(self.restore_window_s, self.restore_max_window_s)
         return observation_vector(self.snapshot), {"window": self.window}
 
     def step(
@@ -237,6 +253,9 @@ class MorphEnv(gym.Env):
         target, layers_clipped = clip_action(wanted.layers, snap)
         fraction, kv_clipped = clip_kv_fraction(wanted.kv_fraction, snap)
         clipped = layers_clipped or kv_clipped
+        held = self._stabilizer.held
+        now = self.stats.ticks * self.tick_s
+        target = self._stabilizer.apply(target, snap.quantized_layers, now)
         result = self.backend.advance(self.tick_s, target, fraction)
         terms = tick_terms(result, target, self.quality_table)
         reward = terms.reward(self.weights)
@@ -246,7 +265,11 @@ class MorphEnv(gym.Env):
         s.generated_tokens += result.generated_tokens
         s.quality_cost += terms.quality
         s.swapped_layers += terms.swapped
+        minute = int(now // 60.0)
+        s.swaps_by_minute.extend([0] * (minute + 1 - len(s.swaps_by_minute)))
+        s.swaps_by_minute[minute] += terms.swapped
         s.clipped_actions += clipped
+        s.held_restores += self._stabilizer.held - held
         s.ticks += 1
         s.layer_ticks += target
         s.kv_fraction_ticks += fraction

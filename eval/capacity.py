@@ -18,6 +18,8 @@ from sglang_morph.server_process import Server
 
 CAPACITY_PROBE_S = 30.0
 """How long the closed loop runs."""
+CLOSED_LOOP = 64
+"""Requests of each round of the closed loop: several times what the KV holds."""
 
 
 def fp_capacity(model: str, budget: int, trace: Trace, vocab: np.ndarray, seed: int) -> float:
@@ -26,7 +28,9 @@ def fp_capacity(model: str, budget: int, trace: Trace, vocab: np.ndarray, seed: 
     server = Server(["--model-path", model, "--morph-policy", "off",
                      "--morph-memory-budget", str(budget)])
     try:
-        shapes = trace.requests[:64]
+        # Shapes drawn from the whole trace, as the loads measured against this are drawn.
+        picks = np.random.default_rng(seed).integers(len(trace.requests), size=CLOSED_LOOP)
+        shapes = [trace.requests[i] for i in picks]
         burst = tuple(replace(r, arrival_s=0.0) for r in shapes)
         prompts = [prompt_ids(vocab, r.input_tokens, i, seed) for i, r in enumerate(burst)]
         start = time.perf_counter()

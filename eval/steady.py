@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from rich.table import Table
 from eval.capacity import CAPACITY_PROBE_S, fp_capacity
 from eval.replay import Replayer, prompt_ids, usable_token_ids
 from eval.servers import DEFAULT_RL_CHECKPOINT, replay_polling, start_server, system_flags
-from eval.traces import LengthMapping, Trace, TraceRequest, load_trace, map_lengths
+from eval.traces import LengthMapping, TraceRequest, load_trace, map_lengths, poisson_load
 from sglang_morph.cli import (
     FAILURE_STATUS,
     UsageError,
@@ -46,17 +45,6 @@ from sglang_morph.server_process import ServerError
 console = Console(stderr=True)
 SYSTEM = {"heuristic": "morph-heuristic", "rl": "morph-rl"}
 """The policies this benchmark serves, as ``eval.servers`` names their systems."""
-
-
-def poisson_load(trace: Trace, rate: float, seconds: float, seed: int) -> tuple[TraceRequest, ...]:
-    """Constant-rate Poisson arrivals over ``seconds``, each request's lengths those of a
-    request of ``trace`` drawn at random (seeded: every policy gets the same requests)."""
-    rng = np.random.default_rng(seed)
-    times = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * seconds * 2) + 16))
-    times = times[times < seconds]
-    shapes = rng.integers(len(trace.requests), size=len(times))
-    return tuple(replace(trace.requests[i], arrival_s=float(t), hash_ids=None)
-                 for i, t in zip(shapes, times, strict=True))
 
 
 def per_minute(timeline: list[dict], minutes: int) -> list[int]:
@@ -89,7 +77,10 @@ def run_policy(policy: str, model: str, budget: int, checkpoint: str,
         "ran": {"policy": end.get("policy"), "fallbacks": end.get("fallbacks", 0),
                 "policy_loaded": end.get("policy_loaded") and repo_relative(end["policy_loaded"]),
                 "ttft_slo_s": end.get("ttft_slo_s"),
-                "targets_source": end.get("targets_source")},
+                "targets_source": end.get("targets_source"),
+                "restore_window_range_s": end.get("restore_window_range_s"),
+                "restore_window_s_at_end": end.get("restore_window_s"),
+                "held_restores": end.get("held_restores")},
         "transitions_per_minute": per_minute(timeline, minutes),
         "transitions": end.get("transitions"),
         "failed_requests": sum(not r.ok for r in replayer.records),

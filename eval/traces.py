@@ -21,6 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 NAMED_TRACES = {"azure-code": "azure-code", "azure-conv": "azure-conv", "mooncake": "mooncake"}
 """Trace names accepted by ``load_trace`` -> asset names of ``sglang_morph.data.resolve``."""
 
@@ -204,6 +206,17 @@ def map_lengths(trace: Trace, mapping: LengthMapping) -> Trace:
     meta = dict(trace.meta)
     meta["length_mapping"] = asdict(mapping)
     return Trace(trace.name, requests, meta)
+
+
+def poisson_load(trace: Trace, rate: float, seconds: float, seed: int) -> tuple[TraceRequest, ...]:
+    """Constant-rate Poisson arrivals over ``seconds``, each request's lengths those of a
+    request of ``trace`` drawn at random (seeded: every policy gets the same requests)."""
+    rng = np.random.default_rng(seed)
+    times = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * seconds * 2) + 16))
+    times = times[times < seconds]
+    shapes = rng.integers(len(trace.requests), size=len(times))
+    return tuple(replace(trace.requests[i], arrival_s=float(t), hash_ids=None)
+                 for i, t in zip(shapes, times, strict=True))
 
 
 def request_row(request: TraceRequest) -> list:

@@ -15,13 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from envs.calibration import IterationModel, load_calibration
-from envs.episodes import env_from_metadata, evaluate_policies, print_results
+from envs.episodes import STEADY_S, env_from_metadata, evaluate_policies, print_results
 from envs.morph_env import MorphEnv
 from envs.policies import decision_latency, standard_policies
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
 from rl_controller.rl_policy import CheckpointError, FallbackPolicy, RLPolicy, read_metadata
-from sglang_morph.cli import UsageError, exit_with, positive_float, read_input
+from sglang_morph.cli import UsageError, exit_with, positive_float, read_input, seconds
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 DECODE_ITERATION_S = 0.006
@@ -59,8 +59,16 @@ def load_inputs(
         raise UsageError(f"--checkpoint: {err}") from err
     calibration = (read_input("--calibration", lambda: load_calibration(args.calibration))
                    if args.calibration else None)
+    windows = None
+    if args.windows == "validation":
+        if args.trace or args.time_scale or args.steady:
+            raise UsageError("--windows validation replays the checkpoint's own validation "
+                             "windows; it accepts neither --trace, --time-scale nor --steady")
+        windows = [tuple(w) for w in meta["val_windows"]]
     env = read_input("--trace", lambda: env_from_metadata(
-        meta, trace=args.trace, time_scale=args.time_scale, calibration=calibration))
+        meta, windows=windows, trace=args.trace, time_scale=args.time_scale,
+        calibration=calibration, restore_window_s=args.restore_window,
+        restore_max_window_s=args.restore_max_window, steady_rate=args.steady))
     return meta, rl, env, calibration
 
 
@@ -75,6 +83,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="load level (default: training's)")
     parser.add_argument("--calibration", help="iteration-time calibration JSON (default: the "
                         "one the checkpoint was trained with)")
+    parser.add_argument("--windows", choices=("test", "validation"), default="test",
+                        help="the checkpoint's held-out test windows (the report's, replay "
+                        "once) or its validation windows (to choose settings on)")
+    parser.add_argument("--restore-window", type=seconds,
+                        help="restore stabilization window in s (default: the one the "
+                        "checkpoint was trained under)")
+    parser.add_argument("--steady", type=positive_float, metavar="RATE",
+                        help="replay a steady load instead of windows: 5 min of Poisson "
+                        "arrivals at RATE req/s, shapes from the training part of the trace")
+    parser.add_argument("--restore-max-window", type=seconds,
+                        help="the longest the restore window grows to (default: the "
+                        "checkpoint's)")
     args = parser.parse_args(argv)
     try:
         meta, rl, env, calibration = load_inputs(args)
@@ -87,12 +107,15 @@ def main(argv: list[str] | None = None) -> None:
     results = evaluate_policies(env, standard_policies(args.checkpoint), snapshots)
     trace = args.trace or meta["trace"]
     scale = args.time_scale or meta["time_scale"]
-    which = "held-out windows" if trace == meta["trace"] else "windows"
+    which = f"{args.windows} windows" if trace == meta["trace"] else "windows"
+    load = (f"steady Poisson load of {trace} shapes at {args.steady:g} req/s for "
+            f"{STEADY_S:g} s" if args.steady else
+            f"{trace}, time scale {scale:g}, {len(env.windows)} {which} of {meta['window_s']:g} s")
     print_results(
         results,
-        f"{trace}, time scale {scale:g}, {len(env.windows)} {which} of "
-        f"{meta['window_s']:g} s, SLO TTFT {env.replica.ttft_slo_s * 1e3:.1f} ms, TPOT "
-        f"{env.replica.tpot_slo_s * 1e3:.1f} ms (simulator)",
+        f"{load}, SLO TTFT {env.replica.ttft_slo_s * 1e3:.1f} ms, TPOT "
+        f"{env.replica.tpot_slo_s * 1e3:.1f} ms, restore window {env.restore_window_s:g}-"
+        f"{env.restore_max_window_s:g} s (simulator)",
         console,
     )
 

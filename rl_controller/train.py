@@ -60,7 +60,9 @@ from sglang_morph.cli import (
     positive_float,
     positive_int,
     read_input,
+    seconds,
 )
+from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
 from sglang_morph.paths import (
     DEFAULT_CALIBRATION,
     DEFAULT_CHECKPOINT,
@@ -103,6 +105,11 @@ class Args:
                            "rest is the test part", _fraction)
     tick_s: float = _arg(0.05, "controller tick (simulated s per step; the runtime's default)",
                          positive_float)
+    restore_window: float = _arg(RESTORE_WINDOW_S, "the runtime's restore stabilization "
+                                 "window (s) the policy is trained under "
+                                 "(--morph-restore-window; give the server the same)", seconds)
+    restore_max_window: float = _arg(RESTORE_MAX_WINDOW_S, "the longest the window grows to "
+                                     "(--morph-restore-max-window)", seconds)
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
     quality: str = _arg("", "quality-by-k JSON or eval.quality output (envs.reward); empty = "
                         "documented default")
@@ -330,7 +337,9 @@ def train_candidate(
 
     def make_env() -> MorphEnv:
         return MorphEnv(trace, inputs.train_windows, calibration=calibration, replica=replica,
-                        quality_table=inputs.quality, weights=weights, tick_s=args.tick_s)
+                        quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
+                        restore_window_s=args.restore_window,
+                        restore_max_window_s=args.restore_max_window)
 
     envs = DummyVecEnv([lambda: Monitor(make_env())] * args.n_envs)
 
@@ -373,6 +382,8 @@ def train_candidate(
         "val_windows": inputs.val_windows,
         "eval_windows": inputs.test_windows,
         "tick_s": args.tick_s,
+        "restore_window_s": args.restore_window,
+        "restore_max_window_s": args.restore_max_window,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
         "profile": repo_relative(args.profile),
@@ -404,7 +415,8 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
     weights, with absolute-target actions (what ``RLPolicy.decide`` answers)."""
     return MorphEnv(inputs.trace, windows, calibration=inputs.calibration, replica=inputs.replica,
                     quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
-                    action_mode="target")
+                    action_mode="target", restore_window_s=args.restore_window,
+                    restore_max_window_s=args.restore_max_window)
 
 
 def rl_result(env: MorphEnv, path: Path) -> PolicyResult:

@@ -55,6 +55,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0 (0 turns a delay off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def output_path(flag: str, path: str | os.PathLike) -> Path:
     """``path`` once its directory exists (created if needed) and is writable.
 

@@ -62,6 +62,14 @@ def parse_bytes(text: str) -> int:
     return int(number * scale)
 
 
+RESTORE_WINDOW_S = 10.0
+"""Default of ``--morph-restore-window``, the shortest restore stabilization window
+(``rl_controller.stabilizer``): chosen on validation windows of the simulator and on simulated
+steady loads (docs/controller.md has the sweep)."""
+RESTORE_MAX_WINDOW_S = 120.0
+"""Default of ``--morph-restore-max-window``, the longest the window grows to."""
+
+
 @dataclass
 class MorphConfig:
     """Everything the scheduler-side runtime needs to know, JSON-serialisable."""
@@ -75,6 +83,8 @@ class MorphConfig:
     profile_path: str | None = None
     checkpoint_path: str | None = None
     tick_interval_s: float = 0.05
+    restore_window_s: float = RESTORE_WINDOW_S
+    restore_max_window_s: float = RESTORE_MAX_WINDOW_S
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     kv_segment_tokens: int = 64
@@ -103,6 +113,13 @@ class MorphConfig:
                 raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
         if not self.tick_interval_s >= 0:
             raise ValueError("--morph-tick-interval must be 0 or more seconds")
+        if not 0 <= self.restore_window_s < float("inf"):
+            raise ValueError("--morph-restore-window must be 0 or more seconds, "
+                             f"got {self.restore_window_s}")
+        if not self.restore_window_s <= self.restore_max_window_s < float("inf"):
+            raise ValueError("--morph-restore-max-window must be at least "
+                             f"--morph-restore-window ({self.restore_window_s} s), "
+                             f"got {self.restore_max_window_s}")
 
     @property
     def enabled(self) -> bool:

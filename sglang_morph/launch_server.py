@@ -24,6 +24,8 @@ from sglang_morph.config import (
     POLICIES,
     QUANT_METHODS,
     QUANTIZED_FORMATS,
+    RESTORE_MAX_WINDOW_S,
+    RESTORE_WINDOW_S,
     MorphConfig,
     parse_bytes,
 )
@@ -119,6 +121,21 @@ def morph_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.05,
         help="seconds between controller decisions (default: 0.05)",
+    )
+    g.add_argument(
+        "--morph-restore-window",
+        type=float,
+        default=RESTORE_WINDOW_S,
+        help="seconds every controller decision must have asked for a restore before layers "
+        "are restored, at least (quantizing is never delayed; 0: restore at once; default: "
+        f"{RESTORE_WINDOW_S:g})",
+    )
+    g.add_argument(
+        "--morph-restore-max-window",
+        type=float,
+        default=RESTORE_MAX_WINDOW_S,
+        help="the longest the restore window grows to while restores keep being undone by "
+        f"quantizing again (default: {RESTORE_MAX_WINDOW_S:g})",
     )
     g.add_argument(
         "--morph-ttft-slo",
@@ -319,6 +336,8 @@ def build(
         profile_path=_absolute_or_none(known.morph_profile),
         checkpoint_path=_absolute_or_none(known.morph_checkpoint),
         tick_interval_s=known.morph_tick_interval,
+        restore_window_s=known.morph_restore_window,
+        restore_max_window_s=known.morph_restore_max_window,
         ttft_slo_s=known.morph_ttft_slo,
         tpot_slo_s=known.morph_tpot_slo,
         kv_segment_tokens=known.morph_kv_segment_tokens,

@@ -24,6 +24,7 @@ from rl_controller.controller import Controller, Decision
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot, build_snapshot
 from rl_controller.rl_policy import RLPolicy
+from rl_controller.stabilizer import RestoreStabilizer
 from sglang_morph import scheduler_view
 from sglang_morph.config import (
     FORMAT_BITS,
@@ -79,6 +80,8 @@ class MorphRuntime:
         self.swapper = None
         self.kv = None
         self.controller: Controller | None = None
+        self.stabilizer = RestoreStabilizer(cfg.restore_window_s, cfg.restore_max_window_s)
+        """Holds restores back until a whole window asked for them (every policy)."""
         self.observing = cfg.policy in ("manual", "heuristic", "rl") and (
             self.tp is None or self.tp.is_source
         )
@@ -265,9 +268,10 @@ class MorphRuntime:
             return
         decision = self.controller.decide(snap)
         self._count(decision, now)
-        self.last_target = decision.target
-        if decision.target != sum(f != "fp" for f in self.desired):
-            self.set_target_quantized(decision.target)
+        target = self.stabilizer.apply(decision.target, snap.quantized_layers, now)
+        self.last_target = target
+        if target != sum(f != "fp" for f in self.desired):
+            self.set_target_quantized(target)
         self.wanted_kv_fraction = decision.kv_fraction
 
     def _count(self, decision: Decision, now: float) -> None:
@@ -498,6 +502,9 @@ class MorphRuntime:
             "fallbacks": self.fallbacks,
             "fallback_reason": self.fallback_reason,
             "clipped_actions": self.clipped_actions,
+            "restore_window_s": self.stabilizer.window_s,
+            "restore_window_range_s": [self.stabilizer.base_s, self.stabilizer.max_s],
+            "held_restores": self.stabilizer.held,
             "ttft_slo_s": self.ttft_slo_s,
             "tpot_slo_s": None if math.isinf(self.tpot_slo_s) else self.tpot_slo_s,
             "targets_source": self.targets_source,

@@ -126,6 +126,9 @@ def _launcher_usage_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--morph-policy", "heuristic", "--morph-static-format", "int4"],
          "accepts --morph-policy off or manual"),
         (["--morph-ttft-slo", "0"], "--morph-ttft-slo must be a positive number"),
+        (["--morph-restore-window", "-1"], "--morph-restore-window must be 0 or more seconds"),
+        (["--morph-restore-window", "30", "--morph-restore-max-window", "10"],
+         "--morph-restore-max-window must be at least --morph-restore-window"),
         (["--morph-policy", "rl", "--morph-checkpoint", str(tmp_path / "absent.zip")],
          "does not exist"),
     ]

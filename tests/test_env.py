@@ -105,12 +105,24 @@ def test_reward_is_the_weighted_sum_of_its_terms() -> None:
 
 
 def test_delta_actions_move_one_layer() -> None:
-    env = make_env()
+    env = make_env(restore_window_s=0.0, restore_max_window_s=0.0)  # restores not held
     env.reset(options={"window": 0})
     steps = [env.step((a, 2))[4]["target"] for a in (2, 2, 1, 0, 0, 0)]
     assert steps == [1, 2, 2, 1, 0, 0]
     assert env.stats.clipped_actions == 1  # the last restore, below 0
     assert env.stats.swapped_layers == 4
+
+
+def test_restores_wait_for_the_stabilization_window() -> None:
+    env = make_env(restore_window_s=0.5, restore_max_window_s=0.5, tick_s=0.05)
+    env.reset(options={"window": 0})
+    env.step((2, 2))  # quantize one layer: never delayed
+    targets = [env.step((0, 2))[4]["target"] for _ in range(12)]  # ask to restore every tick
+    # The quantize recommendation stays in the 0.5-s window for 10 ticks; after that only the
+    # safety clip may keep the layer (this window's requests hold KV), the stabilizer does not.
+    assert targets[:9] == [1] * 9
+    assert env.stats.held_restores == 9
+    assert env.stats.swapped_layers + env.stats.clipped_actions >= 2
 
 
 def test_kv_fraction_action_lowers_the_capacity() -> None:

@@ -14,11 +14,16 @@ from sglang_morph.config import PROVISIONAL_TTFT_SLO_S
 from sglang_morph.server_process import Server
 from tests.live_load import BUDGET, burst, watch
 
+RESTORE_WINDOW_S = 2.0
+
 
 @pytest.fixture(scope="module")
 def heuristic():
+    # No --morph-ttft-slo: the warm-up probe sets the targets. Short restore windows, so that
+    # the restore after the burst fits the test's time.
     s = Server(["--morph-policy", "heuristic", "--morph-memory-budget", BUDGET,
-                "--enable-metrics"])  # no --morph-ttft-slo: the warm-up probe sets the targets
+                "--enable-metrics", "--morph-restore-window", str(RESTORE_WINDOW_S),
+                "--morph-restore-max-window", str(4 * RESTORE_WINDOW_S)])
     yield s
     s.stop()
 
@@ -47,6 +52,10 @@ def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
             break
         time.sleep(0.5)
     assert st["quantized_layers"] == 0, "layers were not restored once the load was gone"
+    # The restore stabilizer ran with the given windows: the first restore the heuristic asked
+    # for came after ticks that asked to hold, so it was held for a window.
+    assert st["restore_window_range_s"] == [RESTORE_WINDOW_S, 4 * RESTORE_WINDOW_S]
+    assert st["held_restores"] > 0
     assert st["device_bytes_in_use"] <= int(BUDGET) and not st["frozen"]
     assert st["decision_s_median"] is not None
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from eval.steady import per_minute, poisson_load, problems
-from eval.traces import LengthMapping, load_trace, map_lengths
+from eval.steady import per_minute, problems
+from eval.traces import LengthMapping, load_trace, map_lengths, poisson_load
 
 
 def test_poisson_load_keeps_its_rate_and_the_traces_shapes() -> None:

@@ -1,0 +1,108 @@
+"""The restore stabilizer: restores wait for a whole window of restore recommendations, the
+window grows when restores are undone and shrinks when they hold, and a simulated steady load
+stops the chattering it causes without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from envs.episodes import env_from_metadata
+from rl_controller.heuristic import HeuristicPolicy
+from rl_controller.rl_policy import read_metadata
+from rl_controller.stabilizer import RestoreStabilizer
+from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.paths import DEFAULT_CHECKPOINT
+from tests.test_heuristic import TICK_S, replay, trace_of
+
+
+def test_quantizing_is_never_delayed() -> None:
+    s = RestoreStabilizer(10.0, 10.0)
+    assert s.apply(3, 0, 0.0) == 3
+    assert s.apply(5, 3, 0.1) == 5
+    assert s.held == 0
+
+
+def test_a_restore_waits_until_the_window_holds_only_restore_recommendations() -> None:
+    s = RestoreStabilizer(1.0, 1.0)
+    assert s.apply(2, 0, 0.0) == 2
+    assert [s.apply(1, 2, t) for t in (0.2, 0.5, 0.9)] == [2, 2, 2]
+    assert s.apply(1, 2, 1.0) == 1  # the quantize recommendation left the window
+    assert s.held == 3
+
+
+def test_a_hold_recommendation_restarts_the_wait() -> None:
+    s = RestoreStabilizer(1.0, 1.0)
+    s.apply(2, 2, 0.0)
+    s.apply(1, 2, 0.6)
+    s.apply(2, 2, 0.8)  # the policy holds once
+    assert s.apply(1, 2, 1.5) == 2  # 0.8 is still inside the window
+    assert s.apply(1, 2, 1.8) == 1
+
+
+def test_zero_window_restores_at_once() -> None:
+    s = RestoreStabilizer(0.0, 0.0)
+    s.apply(3, 0, 0.0)
+    assert s.apply(0, 3, 0.0) == 0 and s.held == 0
+
+
+def test_the_window_doubles_on_a_regretted_restore_and_halves_on_one_that_held() -> None:
+    s = RestoreStabilizer(1.0, 8.0)
+    s.apply(1, 1, 0.0)
+    assert s.apply(0, 1, 1.0) == 0  # restored
+    s.apply(1, 0, 2.0)  # quantized again within max_window: the restore was a waste
+    assert s.window_s == 2.0
+    assert s.apply(0, 1, 4.0) == 0  # the wait is now 2 s
+    s.apply(1, 0, 5.0)
+    assert s.window_s == 4.0
+    s.apply(0, 1, 9.0)
+    s.apply(0, 0, 17.5)  # nothing quantized for max_window after the restore: it held
+    assert s.window_s == 2.0
+    for t in range(18, 40):
+        s.apply(1, 0, float(t)) if t % 3 == 0 else s.apply(0, 1, float(t))
+    assert s.window_s <= 8.0  # never past the bound
+
+
+def test_memory_stays_bounded() -> None:
+    s = RestoreStabilizer(1.0, 1.0)
+    for i in range(10_000):
+        s.apply(i % 5, 5, i * 0.001)
+    assert s.entries() <= 5  # one per distinct target that could still be the maximum
+
+
+@pytest.mark.parametrize("window", [-1.0, float("nan"), float("inf")])
+def test_bad_windows_are_refused(window: float) -> None:
+    with pytest.raises(ValueError, match="window_s"):
+        RestoreStabilizer(window, 10.0)
+    with pytest.raises(ValueError, match="max_window_s"):
+        RestoreStabilizer(5.0, 1.0)
+
+
+def _steady(window_s: float, max_window_s: float, rate: float = 4.0) -> list[int]:
+    """Layer swaps per minute of the heuristic on the simulator under 5 min of Poisson
+    arrivals, in the shipped checkpoint's environment."""
+    env = env_from_metadata(read_metadata(DEFAULT_CHECKPOINT), steady_rate=rate,
+                            restore_window_s=window_s, restore_max_window_s=max_window_s)
+    env.reset(options={"window": 0})
+    policy, done = HeuristicPolicy(), False
+    while not done:
+        done = env.step(policy.decide(env.snapshot))[3]
+    return env.stats.swaps_by_minute
+
+
+def test_steady_load_stops_chattering_with_the_default_windows() -> None:
+    without = _steady(0.0, 0.0)
+    default = _steady(10.0, 120.0)
+    assert sum(without) >= 40  # the unguarded heuristic swaps back and forth every minute
+    assert sum(default) <= sum(without) / 4
+    assert max(default[1:]) <= 4  # after the first minute's ramp
+
+
+def test_after_a_lone_burst_layers_come_back_one_base_window_apart() -> None:
+    trace = trace_of([(0.0, 20.0, 1.0), (20.0, 30.0, 40.0), (30.0, 120.0, 0.5)],
+                     prompt=250, output=20)
+    layers = replay(trace, HeuristicPolicy(), RESTORE_WINDOW_S, RESTORE_MAX_WINDOW_S)
+    assert max(layers) == 5 and layers[-1] == 0  # quantized for the burst, all given back
+    restores = [i * TICK_S for i in range(1, len(layers)) if layers[i] < layers[i - 1]]
+    gaps = [b - a for a, b in zip(restores, restores[1:], strict=False)]
+    assert len(restores) == 5  # one layer at a time, never undone by a quantization
+    assert all(RESTORE_WINDOW_S <= gap < 2 * RESTORE_WINDOW_S for gap in gaps), gaps
