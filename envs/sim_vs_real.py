@@ -61,9 +61,10 @@ ENGINE_SYSTEM = {"fp": "static-k:0", "static-int4": "static-int4", "heuristic": 
 """Each policy's server configuration in ``eval.servers.system_flags``. fp is the manual policy
 with no layer swapped: a runtime that observes every tick and answers the state reads the
 calibration was measured with, but never acts."""
-REST_TIMEOUT_S = 90.0
-"""Longest wait between two windows for the server to be idle with no layer in int4 (the
-heuristic restores one layer every 2 s after 3 s of calm)."""
+REST_TIMEOUT_S = 300.0
+"""Longest wait between two windows for the server to be idle with no layer in int4 (restores
+come one stabilization window apart: 10 s each at the default windows, longer after restores
+were undone)."""
 
 
 @dataclass
@@ -109,13 +110,16 @@ def simulate(env: MorphEnv, policy_name: str, checkpoint: str, drain_s: float) -
 
 
 def engine_flags(policy: str, replica: ReplicaConfig, budget: int, checkpoint: str,
-                 profile: str) -> list[str]:
-    """Launcher flags of ``policy``'s server: the checkpoint's budget, layer order and SLOs, so
-    that the policy in the server sees what it sees in the simulator."""
+                 profile: str, restore_windows: tuple[float, float]) -> list[str]:
+    """Launcher flags of ``policy``'s server: the checkpoint's budget, layer order, SLOs and
+    restore stabilization windows, so that the policy in the server sees and is held back as in
+    the simulator."""
     return [*system_flags(ENGINE_SYSTEM[policy], budget, checkpoint),
             "--morph-ttft-slo", f"{replica.ttft_slo_s:.6f}",
             "--morph-tpot-slo", f"{replica.tpot_slo_s:.6f}",
-            "--morph-profile", profile]
+            "--morph-profile", profile,
+            "--morph-restore-window", f"{restore_windows[0]:g}",
+            "--morph-restore-max-window", f"{restore_windows[1]:g}"]
 
 
 def wait_resting(client: MorphClient, policy: str, timeout_s: float = REST_TIMEOUT_S) -> dict:
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         for policy in policies:
             log = out.parent / f"{out.stem}-{policy}-rep{rep}.log"
-            flags = engine_flags(policy, replica, budget, checkpoint, profile)
+            flags = engine_flags(policy, replica, budget, checkpoint, profile,
+                                 (sim_env.restore_window_s, sim_env.restore_max_window_s))
             console.print(f"[bold]rep {rep}: {policy}[/] server (log {log})")
             try:
                 server = start_server(model, None, flags, log)
