@@ -23,6 +23,9 @@ class MorphMetrics:
                 "kv_quarantined_tokens", "KV slots above the limit still held after a shrink."),
             "transitions": gauge("transitions", "Layer format transitions since start."),
             "fallbacks": gauge("fallbacks", "RL policy fallbacks to the heuristic."),
+            "restore_window_seconds": gauge(
+                "restore_window_seconds", "Restore stabilization window in force."),
+            "held_restores": gauge("held_restores", "Ticks at which a restore was held back."),
         }
         self.last: dict[str, float] = {}
 

@@ -241,6 +241,8 @@ class MorphRuntime:
                 "kv_quarantined_tokens": self.kv.alloc.quarantined_size() if self.kv else 0,
                 "transitions": self.transitions,
                 "fallbacks": self.fallbacks,
+                "restore_window_seconds": self.stabilizer.window_s,
+                "held_restores": self.stabilizer.held,
             })
 
     def snapshot(self, now: float) -> LoadSnapshot:

@@ -21,8 +21,9 @@ def env():
     trace = prepare_trace("azure-code", LengthMapping(), 1.0)
     start, _ = burstiest_window(trace, WINDOW_S)
     backend = EngineBackend(ttft_slo_s=0.5)
+    # Restores as the actions ask (no stabilization window): these cases test the backend.
     e = MorphEnv(trace, [(start, start + WINDOW_S)], backend=backend, tick_s=TICK_S,
-                 action_mode="target")
+                 action_mode="target", restore_window_s=0.0, restore_max_window_s=0.0)
     yield e
     e.close()
 

@@ -39,6 +39,7 @@ FLOORS: dict[str, int] = {
     "rl_controller.heuristic": CONTROL,
     "rl_controller.rl_policy": CONTROL,
     "rl_controller.controller": CONTROL,
+    "rl_controller.stabilizer": CONTROL,
     # serving: the runtime inside SGLang's processes, and the quantized kernels it runs
     "sglang_morph.quant": SERVING,
     "sglang_morph.quant.quantize": SERVING,

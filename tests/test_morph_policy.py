@@ -63,10 +63,12 @@ def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
 def test_morph_gauges_in_prometheus(heuristic):
     text = heuristic.client.get("/metrics").text
     st = heuristic.client.state()
-    for name in ("quantized_layers", "kv_capacity_tokens", "transitions"):
+    for name in ("quantized_layers", "kv_capacity_tokens", "transitions",
+                 "restore_window_seconds", "held_restores"):
         assert f"sglang_morph:{name}" in text
-    line = next(x for x in text.splitlines() if x.startswith("sglang_morph:transitions"))
-    assert float(line.split()[-1]) == st["transitions"]
+    for name in ("transitions", "held_restores"):  # idle after the burst: both settled
+        line = next(x for x in text.splitlines() if x.startswith(f"sglang_morph:{name}"))
+        assert float(line.split()[-1]) == st[name]
 
 
 def test_manual_swap_refused_while_policy_decides(heuristic):
