@@ -38,6 +38,7 @@ def env_from_metadata(
     tick_s: float | None = None,
     restore_window_s: float | None = None,
     restore_max_window_s: float | None = None,
+    restore_load_drop: float | None = None,
     steady_rate: float | None = None,
 ) -> MorphEnv:
     """The environment a checkpoint was trained in, or a variant of it (another trace, load,
@@ -47,8 +48,8 @@ def env_from_metadata(
     ``windows`` default to the checkpoint's test windows (``eval_windows``): those it recorded,
     or at another time scale the same test part of the trace cut anew; another trace has no
     held-out part, so it is replayed whole. Windows always have the training length.
-    The restore stabilization windows default to those the checkpoint was trained under (0 for
-    checkpoints older than the stabilizer: they were trained without one).
+    The restore stabilization (windows, load drop) defaults to the one the checkpoint was trained
+    under (0 for checkpoints older than each part: they were trained without it).
 
     ``steady_rate`` replaces the windows by one steady load: ``STEADY_S`` of constant-rate
     Poisson arrivals at that many requests per second (seeded), request shapes drawn from the
@@ -85,6 +86,7 @@ def env_from_metadata(
         restore_window_s=window,
         restore_max_window_s=max(window, _given_or(restore_max_window_s,
                                                    meta.get("restore_max_window_s", window))),
+        restore_load_drop=_given_or(restore_load_drop, meta.get("restore_load_drop", 0.0)),
     )
 
 

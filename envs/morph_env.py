@@ -50,7 +50,7 @@ from rl_controller.policy import (
     rl_action,
 )
 from rl_controller.stabilizer import RestoreStabilizer
-from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.config import RESTORE_LOAD_DROP, RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
 from sglang_morph.paths import DEFAULT_CALIBRATION
 
 Window = tuple[float, float]
@@ -145,14 +145,16 @@ class MorphEnv(gym.Env):
         action_mode: str = "delta",
         restore_window_s: float = RESTORE_WINDOW_S,
         restore_max_window_s: float = RESTORE_MAX_WINDOW_S,
+        restore_load_drop: float = RESTORE_LOAD_DROP,
     ) -> None:
         """``trace`` is a prepared Trace, or a name/path prepared here with ``length_mapping``
         (default LengthMapping()) and ``time_scale``. ``windows`` default to all consecutive
         ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (starts a real server:
         ``envs.engine_backend``) or an object implementing ``ServingBackend``.
-        ``action_mode``: see the module docstring. ``restore_window_s``, ``restore_max_window_s``:
-        the runtime's restore stabilization windows (``--morph-restore-window``,
-        ``--morph-restore-max-window``), applied to every policy here too."""
+        ``action_mode``: see the module docstring. ``restore_window_s``, ``restore_max_window_s``,
+        ``restore_load_drop``: the runtime's restore stabilization (``--morph-restore-window``,
+        ``--morph-restore-max-window``, ``--morph-restore-load-drop``), applied to every policy
+        here too."""
         if isinstance(trace, str):
             trace = prepare_trace(trace, length_mapping or LengthMapping(), time_scale)
         self.trace = trace
@@ -188,7 +190,8 @@ class MorphEnv(gym.Env):
         self._duration = 0.0
         self.restore_window_s = restore_window_s
         self.restore_max_window_s = restore_max_window_s
-        self._stabilizer = RestoreStabilizer(restore_window_s, restore_max_window_s)
+        self.restore_load_drop = restore_load_drop
+        self._stabilizer = self._new_stabilizer()  # checks the values now; renewed per episode
 
     def _make_backend(
         self, backend: str | ServingBackend, calibration: IterationModel | str | Path | None
@@ -232,8 +235,12 @@ class MorphEnv(gym.Env):
         self._duration = window.duration_s
         self.snapshot = self.backend.reset(window)
         self.stats = EpisodeStats(requests=len(window.requests))
-        self._stabilizer = RestoreStabilizer(self.restore_window_s, self.restore_max_window_s)
+        self._stabilizer = self._new_stabilizer()
         return observation_vector(self.snapshot), {"window": self.window}
+
+    def _new_stabilizer(self) -> RestoreStabilizer:
+        return RestoreStabilizer(self.restore_window_s, self.restore_max_window_s,
+                                 self.restore_load_drop)
 
     def step(
         self, action: np.ndarray | Sequence[int] | int | Action
@@ -255,7 +262,7 @@ class MorphEnv(gym.Env):
         clipped = layers_clipped or kv_clipped
         held = self._stabilizer.held
         now = self.stats.ticks * self.tick_s
-        target = self._stabilizer.apply(target, snap.quantized_layers, now)
+        target = self._stabilizer.apply(target, snap.quantized_layers, now, snap.arrival_rate)
         result = self.backend.advance(self.tick_s, target, fraction)
         terms = tick_terms(result, target, self.quality_table)
         reward = terms.reward(self.weights)

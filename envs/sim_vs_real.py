@@ -110,16 +110,17 @@ def simulate(env: MorphEnv, policy_name: str, checkpoint: str, drain_s: float) -
 
 
 def engine_flags(policy: str, replica: ReplicaConfig, budget: int, checkpoint: str,
-                 profile: str, restore_windows: tuple[float, float]) -> list[str]:
+                 profile: str, restore: tuple[float, float, float]) -> list[str]:
     """Launcher flags of ``policy``'s server: the checkpoint's budget, layer order, SLOs and
-    restore stabilization windows, so that the policy in the server sees and is held back as in
-    the simulator."""
+    restore stabilization (windows, load drop), so that the policy in the server sees and is
+    held back as in the simulator."""
     return [*system_flags(ENGINE_SYSTEM[policy], budget, checkpoint),
             "--morph-ttft-slo", f"{replica.ttft_slo_s:.6f}",
             "--morph-tpot-slo", f"{replica.tpot_slo_s:.6f}",
             "--morph-profile", profile,
-            "--morph-restore-window", f"{restore_windows[0]:g}",
-            "--morph-restore-max-window", f"{restore_windows[1]:g}"]
+            "--morph-restore-window", f"{restore[0]:g}",
+            "--morph-restore-max-window", f"{restore[1]:g}",
+            "--morph-restore-load-drop", f"{restore[2]:g}"]
 
 
 def wait_resting(client: MorphClient, policy: str, timeout_s: float = REST_TIMEOUT_S) -> dict:
@@ -364,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:
             log = out.parent / f"{out.stem}-{policy}-rep{rep}.log"
             flags = engine_flags(policy, replica, budget, checkpoint, profile,
-                                 (sim_env.restore_window_s, sim_env.restore_max_window_s))
+                                 (sim_env.restore_window_s, sim_env.restore_max_window_s,
+                                  sim_env.restore_load_drop))
             console.print(f"[bold]rep {rep}: {policy}[/] server (log {log})")
             try:
                 server = start_server(model, None, flags, log)

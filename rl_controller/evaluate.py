@@ -21,7 +21,7 @@ from envs.policies import decision_latency, standard_policies
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
 from rl_controller.rl_policy import CheckpointError, FallbackPolicy, RLPolicy, read_metadata
-from sglang_morph.cli import UsageError, exit_with, positive_float, read_input, seconds
+from sglang_morph.cli import UsageError, exit_with, positive_float, read_input, seconds, share
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 DECODE_ITERATION_S = 0.006
@@ -68,7 +68,8 @@ def load_inputs(
     env = read_input("--trace", lambda: env_from_metadata(
         meta, windows=windows, trace=args.trace, time_scale=args.time_scale,
         calibration=calibration, restore_window_s=args.restore_window,
-        restore_max_window_s=args.restore_max_window, steady_rate=args.steady))
+        restore_max_window_s=args.restore_max_window,
+        restore_load_drop=args.restore_load_drop, steady_rate=args.steady))
     return meta, rl, env, calibration
 
 
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--restore-max-window", type=seconds,
                         help="the longest the restore window grows to (default: the "
                         "checkpoint's)")
+    parser.add_argument("--restore-load-drop", type=share,
+                        help="restores also wait for the arrival rate to fall this fraction "
+                        "below its peak (0: off; default: the checkpoint's)")
     args = parser.parse_args(argv)
     try:
         meta, rl, env, calibration = load_inputs(args)
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         results,
         f"{load}, SLO TTFT {env.replica.ttft_slo_s * 1e3:.1f} ms, TPOT "
         f"{env.replica.tpot_slo_s * 1e3:.1f} ms, restore window {env.restore_window_s:g}-"
-        f"{env.restore_max_window_s:g} s (simulator)",
+        f"{env.restore_max_window_s:g} s, load drop {env.restore_load_drop:g} (simulator)",
         console,
     )
 

@@ -17,6 +17,14 @@ the window, up to ``max_window_s``; a restore that held that long halves it, dow
 ``window_s``. After a lone burst the layers come back one window apart; under a load that
 keeps needing them, restores become rare.
 
+The window alone still learns from its own mistakes: from a cold start under a steady load it
+restores, regrets, doubles, and repeats until it is long enough. The load says sooner whether the
+layers are still needed: a restore also waits until the smoothed arrival rate (an exponential
+average of the snapshot's rate over ``load_tau_s``) has fallen ``load_drop`` below its peak since
+the layers were last quantized. Under a load that does not fall, one probe restore per
+``max_window_s`` still goes through, so layers quantized for a burst of long prompts (the
+request rate unchanged) come back in time.
+
 It applies to every policy, after the safety clips, in the runtime and in the environment the
 RL policy is trained in, so a policy learns under the rule it will serve under. Raising a
 restore target back toward the current depth is always safe (it keeps memory where it is).
@@ -27,11 +35,17 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.config import (
+    RESTORE_LOAD_DROP,
+    RESTORE_LOAD_TAU_S,
+    RESTORE_MAX_WINDOW_S,
+    RESTORE_WINDOW_S,
+)
 
 
 class RestoreStabilizer:
-    """The highest recommended depth of the current window, applied to restores.
+    """The highest recommended depth of the current window, applied to restores, which also
+    wait for the load to fall.
 
     Timestamps are seconds on any clock that does not go backwards (wall or simulated). The
     window keeps only recommendations that could still be its maximum (a monotonic queue), so
@@ -39,29 +53,51 @@ class RestoreStabilizer:
     """
 
     def __init__(
-        self, window_s: float = RESTORE_WINDOW_S, max_window_s: float = RESTORE_MAX_WINDOW_S
+        self,
+        window_s: float = RESTORE_WINDOW_S,
+        max_window_s: float = RESTORE_MAX_WINDOW_S,
+        load_drop: float = RESTORE_LOAD_DROP,
+        load_tau_s: float = RESTORE_LOAD_TAU_S,
     ) -> None:
         """``window_s``: the shortest window (0: restores are never held); ``max_window_s``:
-        the longest it grows to under repeated regretted restores (at least ``window_s``)."""
+        the longest it grows to under repeated regretted restores (at least ``window_s``), and
+        the probe period under a load that does not fall; ``load_drop``: how far below its peak
+        the smoothed arrival rate must be for a restore (0: restores do not wait for the load);
+        ``load_tau_s``: the smoothing's time constant."""
         if not 0 <= window_s < math.inf:
             raise ValueError(f"window_s must be 0 or more seconds, got {window_s}")
         if not window_s <= max_window_s < math.inf:
             raise ValueError(f"max_window_s must be at least window_s ({window_s} s), got "
                              f"{max_window_s}")
+        if not 0 <= load_drop < 1:
+            raise ValueError(f"load_drop must be a fraction in [0, 1), got {load_drop}")
+        if not 0 < load_tau_s < math.inf:
+            raise ValueError(f"load_tau_s must be a positive number of seconds, got {load_tau_s}")
         self.base_s = window_s
         self.max_s = max_window_s
         self.window_s = window_s
         """The window in force now (between ``base_s`` and ``max_s``)."""
+        self.load_drop = load_drop
+        self.load_tau_s = load_tau_s
         self._peaks: deque[tuple[float, int]] = deque()  # (time, target), targets decreasing
         self._restored_s: float | None = None  # when the last restore was applied, if pending
+        self.rate: float | None = None
+        """Smoothed arrival rate, requests/s (None before the first decision)."""
+        self._rate_s = 0.0  # when ``rate`` was last updated
+        self.peak = 0.0
+        """Highest ``rate`` since the layers were last quantized (or probed)."""
+        self._gate_s = -math.inf  # last quantization or probe restore
         self.held = 0
         """Ticks at which a restore was held back (for ``/morph/state`` and episode stats)."""
 
-    def apply(self, target: int, current: int, now: float) -> int:
-        """The depth to apply at ``now`` when the policy (after clipping) asks for ``target``
-        and ``current`` layers are quantized: ``target`` unless it restores layers that some
-        recommendation of the window still wanted quantized."""
-        self._judge_last_restore(target > current, now)
+    def apply(self, target: int, current: int, now: float, arrival_rate: float = 0.0) -> int:
+        """The depth to apply at ``now`` when the policy (after clipping) asks for ``target``,
+        ``current`` layers are quantized and requests arrive at ``arrival_rate`` per second:
+        ``target`` unless it restores layers that some recommendation of the window still
+        wanted quantized, or the load has not fallen (and no probe is due)."""
+        quantizing = target > current
+        self._judge_last_restore(quantizing, now)
+        self._track_load(arrival_rate, now, quantizing)
         peaks = self._peaks
         while peaks and peaks[-1][1] <= target:
             peaks.pop()
@@ -71,6 +107,8 @@ class RestoreStabilizer:
         if target >= current:
             return target
         applied = max(target, min(current, peaks[0][1]))
+        if applied < current and not self._load_allows_restore(now):
+            applied = current
         if applied < current:
             self._restored_s = now
         self.held += applied != target
@@ -87,6 +125,30 @@ class RestoreStabilizer:
         elif now - self._restored_s >= self.max_s:
             self.window_s = max(self.base_s, self.window_s / 2.0)
             self._restored_s = None
+
+    def _track_load(self, arrival_rate: float, now: float, quantizing: bool) -> None:
+        """Advance the smoothed rate to ``now``; a quantization restarts its peak."""
+        if self.rate is None:
+            self.rate = arrival_rate
+        else:
+            weight = 1.0 - math.exp(-max(0.0, now - self._rate_s) / self.load_tau_s)
+            self.rate += weight * (arrival_rate - self.rate)
+        self._rate_s = now
+        if quantizing:
+            self.peak, self._gate_s = self.rate, now
+        else:
+            self.peak = max(self.peak, self.rate)
+
+    def _load_allows_restore(self, now: float) -> bool:
+        """The load fell ``load_drop`` below its peak, or a probe is due (one per ``max_s``
+        since the last quantization or probe)."""
+        assert self.rate is not None
+        if self.load_drop <= 0 or self.rate <= (1.0 - self.load_drop) * self.peak:
+            return True
+        if now - self._gate_s >= self.max_s:
+            self._gate_s = now
+            return True
+        return False
 
     def entries(self) -> int:
         """Recommendations held (what memory the window takes)."""

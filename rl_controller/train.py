@@ -61,8 +61,9 @@ from sglang_morph.cli import (
     positive_int,
     read_input,
     seconds,
+    share,
 )
-from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.config import RESTORE_LOAD_DROP, RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
 from sglang_morph.paths import (
     DEFAULT_CALIBRATION,
     DEFAULT_CHECKPOINT,
@@ -110,6 +111,9 @@ class Args:
                                  "(--morph-restore-window; give the server the same)", seconds)
     restore_max_window: float = _arg(RESTORE_MAX_WINDOW_S, "the longest the window grows to "
                                      "(--morph-restore-max-window)", seconds)
+    restore_load_drop: float = _arg(RESTORE_LOAD_DROP, "restores also wait for the arrival "
+                                    "rate to fall this fraction below its peak "
+                                    "(--morph-restore-load-drop)", share)
     calibration: str = _arg(str(DEFAULT_CALIBRATION), "iteration-time calibration JSON")
     quality: str = _arg("", "quality-by-k JSON or eval.quality output (envs.reward); empty = "
                         "documented default")
@@ -339,7 +343,8 @@ def train_candidate(
         return MorphEnv(trace, inputs.train_windows, calibration=calibration, replica=replica,
                         quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
                         restore_window_s=args.restore_window,
-                        restore_max_window_s=args.restore_max_window)
+                        restore_max_window_s=args.restore_max_window,
+                        restore_load_drop=args.restore_load_drop)
 
     envs = DummyVecEnv([lambda: Monitor(make_env())] * args.n_envs)
 
@@ -384,6 +389,7 @@ def train_candidate(
         "tick_s": args.tick_s,
         "restore_window_s": args.restore_window,
         "restore_max_window_s": args.restore_max_window,
+        "restore_load_drop": args.restore_load_drop,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
         "profile": repo_relative(args.profile),
@@ -416,7 +422,8 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
     return MorphEnv(inputs.trace, windows, calibration=inputs.calibration, replica=inputs.replica,
                     quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
                     action_mode="target", restore_window_s=args.restore_window,
-                    restore_max_window_s=args.restore_max_window)
+                    restore_max_window_s=args.restore_max_window,
+                    restore_load_drop=args.restore_load_drop)
 
 
 def rl_result(env: MorphEnv, path: Path) -> PolicyResult:

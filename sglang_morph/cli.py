@@ -44,26 +44,31 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
+def _number(text: str, accepted: Callable[[float], bool], expected: str) -> float:
+    """``text`` as a float when ``accepted`` holds for it, else argparse's error naming
+    ``expected``."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not accepted(value):  # NaN fails every comparison, so it is refused too
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, lambda v: 0 < v < float("inf"), "a number > 0")
 
 
 def seconds(text: str) -> float:
     """argparse type: a finite number of seconds >= 0 (0 turns a delay off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+    return _number(text, lambda v: 0 <= v < float("inf"), "a number of seconds >= 0")
+
+
+def share(text: str) -> float:
+    """argparse type: a fraction in [0, 1) (0 turns a rule off)."""
+    return _number(text, lambda v: 0 <= v < 1, "a fraction >= 0 and < 1")
 
 
 def output_path(flag: str, path: str | os.PathLike) -> Path:

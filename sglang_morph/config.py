@@ -68,6 +68,13 @@ RESTORE_WINDOW_S = 10.0
 steady loads (docs/controller.md has the sweep)."""
 RESTORE_MAX_WINDOW_S = 120.0
 """Default of ``--morph-restore-max-window``, the longest the window grows to."""
+RESTORE_LOAD_DROP = 0.25
+"""Default of ``--morph-restore-load-drop``: restores also wait for the smoothed arrival rate to
+fall this fraction below its peak since the layers were quantized (0: no such wait); chosen like
+the windows (docs/controller.md)."""
+RESTORE_LOAD_TAU_S = 20.0
+"""Time constant of the arrival-rate smoothing the load drop is judged on: long enough that a
+Poisson clump of a few seconds does not look like a change of load."""
 
 
 @dataclass
@@ -85,6 +92,7 @@ class MorphConfig:
     tick_interval_s: float = 0.05
     restore_window_s: float = RESTORE_WINDOW_S
     restore_max_window_s: float = RESTORE_MAX_WINDOW_S
+    restore_load_drop: float = RESTORE_LOAD_DROP
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     kv_segment_tokens: int = 64
@@ -120,6 +128,9 @@ class MorphConfig:
             raise ValueError("--morph-restore-max-window must be at least "
                              f"--morph-restore-window ({self.restore_window_s} s), "
                              f"got {self.restore_max_window_s}")
+        if not 0 <= self.restore_load_drop < 1:
+            raise ValueError("--morph-restore-load-drop must be a fraction in [0, 1), "
+                             f"got {self.restore_load_drop}")
 
     @property
     def enabled(self) -> bool:

@@ -24,6 +24,7 @@ from sglang_morph.config import (
     POLICIES,
     QUANT_METHODS,
     QUANTIZED_FORMATS,
+    RESTORE_LOAD_DROP,
     RESTORE_MAX_WINDOW_S,
     RESTORE_WINDOW_S,
     MorphConfig,
@@ -136,6 +137,14 @@ def morph_parser() -> argparse.ArgumentParser:
         default=RESTORE_MAX_WINDOW_S,
         help="the longest the restore window grows to while restores keep being undone by "
         f"quantizing again (default: {RESTORE_MAX_WINDOW_S:g})",
+    )
+    g.add_argument(
+        "--morph-restore-load-drop",
+        type=float,
+        default=RESTORE_LOAD_DROP,
+        help="restores also wait until the smoothed arrival rate is this fraction below its "
+        "peak since the layers were quantized, or one probe restore per max window (0: no "
+        f"such wait; default: {RESTORE_LOAD_DROP:g})",
     )
     g.add_argument(
         "--morph-ttft-slo",
@@ -338,6 +347,7 @@ def build(
         tick_interval_s=known.morph_tick_interval,
         restore_window_s=known.morph_restore_window,
         restore_max_window_s=known.morph_restore_max_window,
+        restore_load_drop=known.morph_restore_load_drop,
         ttft_slo_s=known.morph_ttft_slo,
         tpot_slo_s=known.morph_tpot_slo,
         kv_segment_tokens=known.morph_kv_segment_tokens,

@@ -80,7 +80,8 @@ class MorphRuntime:
         self.swapper = None
         self.kv = None
         self.controller: Controller | None = None
-        self.stabilizer = RestoreStabilizer(cfg.restore_window_s, cfg.restore_max_window_s)
+        self.stabilizer = RestoreStabilizer(cfg.restore_window_s, cfg.restore_max_window_s,
+                                            cfg.restore_load_drop)
         """Holds restores back until a whole window asked for them (every policy)."""
         self.observing = cfg.policy in ("manual", "heuristic", "rl") and (
             self.tp is None or self.tp.is_source
@@ -270,7 +271,8 @@ class MorphRuntime:
             return
         decision = self.controller.decide(snap)
         self._count(decision, now)
-        target = self.stabilizer.apply(decision.target, snap.quantized_layers, now)
+        target = self.stabilizer.apply(decision.target, snap.quantized_layers, now,
+                                        snap.arrival_rate)
         self.last_target = target
         if target != sum(f != "fp" for f in self.desired):
             self.set_target_quantized(target)
@@ -507,6 +509,9 @@ class MorphRuntime:
             "restore_window_s": self.stabilizer.window_s,
             "restore_window_range_s": [self.stabilizer.base_s, self.stabilizer.max_s],
             "held_restores": self.stabilizer.held,
+            "restore_load_drop": self.stabilizer.load_drop,
+            "smoothed_arrival_rate": self.stabilizer.rate,
+            "arrival_rate_peak": self.stabilizer.peak,
             "ttft_slo_s": self.ttft_slo_s,
             "tpot_slo_s": None if math.isinf(self.tpot_slo_s) else self.tpot_slo_s,
             "targets_source": self.targets_source,

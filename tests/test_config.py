@@ -129,6 +129,7 @@ def _launcher_usage_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--morph-restore-window", "-1"], "--morph-restore-window must be 0 or more seconds"),
         (["--morph-restore-window", "30", "--morph-restore-max-window", "10"],
          "--morph-restore-max-window must be at least --morph-restore-window"),
+        (["--morph-restore-load-drop", "1"], "--morph-restore-load-drop must be a fraction"),
         (["--morph-policy", "rl", "--morph-checkpoint", str(tmp_path / "absent.zip")],
          "does not exist"),
     ]

@@ -23,7 +23,8 @@ def env():
     backend = EngineBackend(ttft_slo_s=0.5)
     # Restores as the actions ask (no stabilization window): these cases test the backend.
     e = MorphEnv(trace, [(start, start + WINDOW_S)], backend=backend, tick_s=TICK_S,
-                 action_mode="target", restore_window_s=0.0, restore_max_window_s=0.0)
+                 action_mode="target", restore_window_s=0.0, restore_max_window_s=0.0,
+                 restore_load_drop=0.0)
     yield e
     e.close()
 

@@ -105,7 +105,8 @@ def test_reward_is_the_weighted_sum_of_its_terms() -> None:
 
 
 def test_delta_actions_move_one_layer() -> None:
-    env = make_env(restore_window_s=0.0, restore_max_window_s=0.0)  # restores not held
+    env = make_env(restore_window_s=0.0, restore_max_window_s=0.0,  # restores not held
+                   restore_load_drop=0.0)
     env.reset(options={"window": 0})
     steps = [env.step((a, 2))[4]["target"] for a in (2, 2, 1, 0, 0, 0)]
     assert steps == [1, 2, 2, 1, 0, 0]

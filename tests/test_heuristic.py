@@ -71,12 +71,13 @@ ENGINE = IterationModel(0.0048, 3e-5, 0.0008, 0.0002, 0.002, source="test")
 
 
 def replay(trace: Trace, policy, restore_window_s: float = 0.0,
-           restore_max_window_s: float = 0.0) -> list[int]:
+           restore_max_window_s: float = 0.0, restore_load_drop: float = 0.0) -> list[int]:
     """Quantized-layer count after every tick (by default the rule alone, without the restore
     stabilizer every policy serves behind: tests/test_stabilizer.py has it)."""
     env = MorphEnv(trace, [(0.0, trace.duration_s)], tick_s=TICK_S, action_mode="target",
                    calibration=ENGINE, replica=ReplicaConfig(),
-                   restore_window_s=restore_window_s, restore_max_window_s=restore_max_window_s)
+                   restore_window_s=restore_window_s, restore_max_window_s=restore_max_window_s,
+                   restore_load_drop=restore_load_drop)
     env.reset(seed=0)
     layers, done = [], False
     while not done:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sglang_morph.config import PROVISIONAL_TTFT_SLO_S
+from sglang_morph.config import PROVISIONAL_TTFT_SLO_S, RESTORE_LOAD_DROP
 from sglang_morph.server_process import Server
 from tests.live_load import BUDGET, burst, watch
 
@@ -56,6 +56,11 @@ def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
     # for came after ticks that asked to hold, so it was held for a window.
     assert st["restore_window_range_s"] == [RESTORE_WINDOW_S, 4 * RESTORE_WINDOW_S]
     assert st["held_restores"] > 0
+    # ... and waited for the load to fall: the smoothed arrival rate it judged by saw the
+    # burst and had fallen below its peak by the default drop when the layers came back.
+    assert st["restore_load_drop"] == RESTORE_LOAD_DROP
+    assert max(s["arrival_rate_peak"] for s in seen) > 0
+    assert st["smoothed_arrival_rate"] <= (1 - RESTORE_LOAD_DROP) * st["arrival_rate_peak"]
     assert st["device_bytes_in_use"] <= int(BUDGET) and not st["frozen"]
     assert st["decision_s_median"] is not None
 

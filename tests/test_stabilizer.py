@@ -1,6 +1,7 @@
 """The restore stabilizer: restores wait for a whole window of restore recommendations, the
-window grows when restores are undone and shrinks when they hold, and a simulated steady load
-stops the chattering it causes without one."""
+window grows when restores are undone and shrinks when they hold, restores wait for the arrival
+rate to fall (or a probe), and a simulated steady load stops the chattering it causes without
+one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from envs.episodes import env_from_metadata
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.rl_policy import read_metadata
 from rl_controller.stabilizer import RestoreStabilizer
-from sglang_morph.config import RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.config import RESTORE_LOAD_DROP, RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 from tests.test_heuristic import TICK_S, replay, trace_of
 
@@ -77,11 +78,53 @@ def test_bad_windows_are_refused(window: float) -> None:
         RestoreStabilizer(5.0, 1.0)
 
 
-def _steady(window_s: float, max_window_s: float, rate: float = 4.0) -> list[int]:
+def test_under_an_unchanged_load_only_one_probe_restore_per_max_window_goes_through() -> None:
+    s = RestoreStabilizer(1.0, 10.0, load_drop=0.25, load_tau_s=5.0)
+    assert s.apply(3, 0, 0.0, arrival_rate=4.0) == 3
+    # The policy asks to restore every 0.1 s for 19.9 s (the server keeps 3 layers quantized).
+    applied = {t / 10: s.apply(0, 3, t / 10, arrival_rate=4.0) for t in range(1, 200)}
+    restores = [t for t, k in applied.items() if k < 3]
+    assert restores == [10.0]  # one probe at max_window after the quantization, no more
+    assert s.rate == pytest.approx(4.0) and s.peak == pytest.approx(4.0)
+
+
+def test_restores_follow_the_window_once_the_smoothed_rate_has_fallen() -> None:
+    s = RestoreStabilizer(1.0, 100.0, load_drop=0.25, load_tau_s=4.0)
+    s.apply(2, 0, 0.0, arrival_rate=8.0)
+    assert s.apply(1, 2, 1.0, arrival_rate=2.0) == 2  # smoothed 8 -> 6.7: not yet 25% down
+    # 2 s later the smoothed rate is about 4.8, more than 25% below its peak of 8
+    assert s.apply(1, 2, 3.0, arrival_rate=2.0) == 1
+    assert s.rate is not None and s.rate < 0.75 * s.peak
+
+
+def test_a_quantization_restarts_the_peak() -> None:
+    s = RestoreStabilizer(0.0, 100.0, load_drop=0.25, load_tau_s=1.0)
+    s.apply(1, 0, 0.0, arrival_rate=10.0)
+    s.apply(1, 1, 10.0, arrival_rate=2.0)  # the first burst is over: rate about 2
+    s.apply(2, 1, 10.1, arrival_rate=2.0)  # quantized at the low rate: the peak starts there
+    assert s.peak == pytest.approx(2.0, rel=0.01)
+    assert s.apply(1, 2, 20.0, arrival_rate=2.0) == 2  # the load did not fall since
+
+
+def test_without_a_load_drop_the_rate_is_ignored() -> None:
+    s = RestoreStabilizer(0.0, 100.0, load_drop=0.0)
+    s.apply(1, 0, 0.0, arrival_rate=4.0)
+    assert s.apply(0, 1, 0.1, arrival_rate=4.0) == 0
+
+
+@pytest.mark.parametrize("drop", [-0.1, 1.0, float("nan")])
+def test_bad_load_drops_are_refused(drop: float) -> None:
+    with pytest.raises(ValueError, match="load_drop"):
+        RestoreStabilizer(1.0, 10.0, load_drop=drop)
+
+
+def _steady(window_s: float, max_window_s: float, rate: float = 4.0,
+            load_drop: float = 0.0) -> list[int]:
     """Layer swaps per minute of the heuristic on the simulator under 5 min of Poisson
     arrivals, in the shipped checkpoint's environment."""
     env = env_from_metadata(read_metadata(DEFAULT_CHECKPOINT), steady_rate=rate,
-                            restore_window_s=window_s, restore_max_window_s=max_window_s)
+                            restore_window_s=window_s, restore_max_window_s=max_window_s,
+                            restore_load_drop=load_drop)
     env.reset(options={"window": 0})
     policy, done = HeuristicPolicy(), False
     while not done:
@@ -97,10 +140,19 @@ def test_steady_load_stops_chattering_with_the_default_windows() -> None:
     assert max(default[1:]) <= 4  # after the first minute's ramp
 
 
+@pytest.mark.parametrize("rate", [3.0, 4.0, 5.0])
+def test_waiting_for_the_load_to_fall_keeps_steady_minutes_within_two_swaps(rate: float) -> None:
+    windows_only = _steady(RESTORE_WINDOW_S, RESTORE_MAX_WINDOW_S, rate)
+    gated = _steady(RESTORE_WINDOW_S, RESTORE_MAX_WINDOW_S, rate, RESTORE_LOAD_DROP)
+    assert max(gated[1:]) <= 2, gated  # after the first minute's ramp
+    assert sum(gated[1:]) < sum(windows_only[1:]), (gated, windows_only)
+
+
 def test_after_a_lone_burst_layers_come_back_one_base_window_apart() -> None:
     trace = trace_of([(0.0, 20.0, 1.0), (20.0, 30.0, 40.0), (30.0, 120.0, 0.5)],
                      prompt=250, output=20)
-    layers = replay(trace, HeuristicPolicy(), RESTORE_WINDOW_S, RESTORE_MAX_WINDOW_S)
+    layers = replay(trace, HeuristicPolicy(), RESTORE_WINDOW_S, RESTORE_MAX_WINDOW_S,
+                    RESTORE_LOAD_DROP)
     assert max(layers) == 5 and layers[-1] == 0  # quantized for the burst, all given back
     restores = [i * TICK_S for i in range(1, len(layers)) if layers[i] < layers[i - 1]]
     gaps = [b - a for a, b in zip(restores, restores[1:], strict=False)]
