@@ -43,6 +43,7 @@ from eval.servers import (
 from eval.summary import build_summary, finish, write_outputs
 from sglang_morph.client import MorphClient, MorphRequestError
 from sglang_morph.config import UNLOADED_SLO_MULTIPLE
+from sglang_morph.profile_file import LAST_TO_FIRST
 from sglang_morph.server_process import Server, ServerError
 
 CALIBRATION_REQUESTS = 5
@@ -83,8 +84,7 @@ def launch(plan: Plan, system: str, rep: int) -> Server:
             f"{plan.slo.tpot_s:.6f}",
         ]
     flags += ["--morph-quant-method", args.quant_method, "--morph-group-size", str(args.group_size)]
-    if plan.profile_path:
-        flags += ["--morph-profile", plan.profile_path]
+    flags += ["--morph-profile", plan.profile_path or LAST_TO_FIRST]
     flags += args.server_arg
     k = f"-k{plan.static_k}" if system == STATIC_K else ""
     log = plan.out_dir / system / f"server-rep{rep}{k}.log"

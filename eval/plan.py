@@ -46,7 +46,7 @@ from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.memory import fp_kv_tokens
 from sglang_morph.model_info import ModelInfo, context_length, read_model_info, serving_device
 from sglang_morph.paths import REPO_ROOT, absolute, default_profile, repo_relative
-from sglang_morph.profile_file import ProfileError, load_profile
+from sglang_morph.profile_file import LAST_TO_FIRST, ProfileError, load_profile
 
 DEMO_WINDOW = (569.0, 589.0)
 """The demo's window of azure-code: the first 20 s of its burstiest minute, a burst that then
@@ -85,8 +85,8 @@ class Plan:
     profile: dict | None = None
     slo: Slo | None = None
     profile_path: str | None = None
-    """What every server gets as ``--morph-profile`` (None: the server's last-to-first)."""
-    profile_name: str = "last_to_first"
+    """What every server gets as ``--morph-profile`` (None: ``last_to_first``)."""
+    profile_name: str = LAST_TO_FIRST
     slo_measured: bool = False
     """The SLOs are (or were) measured on the fp server, so fp runs first in every rep."""
     static_k: int | None = None
@@ -240,7 +240,7 @@ def _known_system(system: str) -> bool:
 
 
 def _is_profile_keyword(value: str) -> bool:
-    return value in (SHIPPED_PROFILE, "last_to_first") or value.split(":")[0] == "random"
+    return value in (SHIPPED_PROFILE, LAST_TO_FIRST) or value.split(":")[0] == "random"
 
 
 def _read_profile(path: str | Path) -> dict:
@@ -288,13 +288,13 @@ def resolve_profile(args: argparse.Namespace, num_layers: int, out_dir: Path) ->
     note = None
     if spec == SHIPPED_PROFILE:
         note = f"no shipped profile for model {args.model}: layers are quantized last to first"
-        spec = "last_to_first"
-    if spec == "last_to_first":
-        order, name = list(range(num_layers - 1, -1, -1)), "last_to_first"
+        spec = LAST_TO_FIRST
+    if spec == LAST_TO_FIRST:
+        order, name = list(range(num_layers - 1, -1, -1)), LAST_TO_FIRST
     else:
         order, seed = _random_order(spec, num_layers)
         name = f"random (seed {seed}): {order}"
-    if base is None and spec == "last_to_first":
+    if base is None and spec == LAST_TO_FIRST:
         return ProfileChoice(None, None, name, note)  # the servers' own default order
     derived = dict(base) if base is not None else {
         "format": "int4", "quant_method": args.quant_method, "group_size": args.group_size,
@@ -499,7 +499,7 @@ def _before_fixed_slos(saved: dict) -> dict:
     that run did: SLOs measured, layers quantized last to first."""
     if "profile" in saved:
         return {}
-    return {"slo": "measure", "profile": saved["options"].get("profile") or "last_to_first"}
+    return {"slo": "measure", "profile": saved["options"].get("profile") or LAST_TO_FIRST}
 
 
 def resume_plan(args: argparse.Namespace, given: set[str]) -> Plan:

@@ -109,7 +109,8 @@ def conditions(summary: Mapping) -> list[str]:
         else "SLO: not measured (no fp server ran)",
         f"Layer order (profile): {summary.get('profile') or 'last_to_first'}",
         f"Repetitions: {reps}"
-        + (" (one rep: no confidence intervals)" if reps < 2 else ", means with 95% t intervals"),
+        + (" (one rep: intervals from resampling requests only)" if reps < 2
+           else ", means with 95% t intervals over reps"),
     ]
     if summary.get("interrupted"):
         lines.append("INTERRUPTED: the results cover only what finished before Ctrl-C")
@@ -194,6 +195,28 @@ def spread_lines(summary: Mapping) -> list[str]:
     return lines
 
 
+def request_interval_lines(summary: Mapping) -> list[str]:
+    """Each system's violation rate and P95 TTFT, and its ratios against fp, with the 95%
+    interval from resampling this run's requests (machine drift between runs is not in it)."""
+    out = []
+    for name, row in summary.get("systems", {}).items():
+        ci = row.get("ci95_requests") or {}
+        out.append(
+            f"{name}: SLO violations "
+            f"{_interval(row.get('slo_violation_rate'), ci.get('slo_violation_rate'), '{:.1%}')}"
+            f", P95 TTFT {_interval(row.get('ttft_p95_s'), ci.get('ttft_p95_s'), 'ms')} ms"
+        )
+    ratios = comparisons(summary)
+    for name, r in (summary.get("vs_fp") or {}).items():
+        ci = r.get("ci95_requests") or {}
+        pooled = ratios.get(name, {})
+        red = _interval(pooled.get("violation_reduction_pct"), ci.get("violation_reduction_pct"),
+                        "{:+.1f}%")
+        speed = _interval(pooled.get("p95_ttft_speedup"), ci.get("p95_ttft_speedup"), "{:.2f}x")
+        out.append(f"{name} vs fp: SLO violations {red}, P95 TTFT speed-up {speed}")
+    return out
+
+
 def lag_lines(summary: Mapping) -> list[str]:
     """The client's send lag of every rep (p99 and max), marking reps past the limit."""
     out = []
@@ -234,6 +257,11 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
         ]
         for name, r in ratios.items():
             lines.append(f"| {name} | " + " | ".join(_ratio_texts(r)) + " |")
+    within = request_interval_lines(summary)
+    if within:
+        lines += ["", f"Within this run (95% interval from {summary.get('bootstrap_draws')} "
+                  "resamples of its requests; machine drift between runs is not in it):", ""]
+        lines += [f"- {line}" for line in within]
     if summary.get("systems"):
         lines += ["", "Over reps (mean [95% interval]; invalid reps left out):", ""]
         lines += spread_lines(summary)
@@ -358,6 +386,12 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
             f"{name} vs fp: SLO violations {red} reduction, P95 TTFT {speed} speed-up, "
             f"quality cost {cost} of static-int4's"
         )
+    within = request_interval_lines(summary)
+    if within:
+        console.print(f"95% intervals within this run ({summary.get('bootstrap_draws')} resamples "
+                      "of its requests; machine drift between runs is not in them):")
+        for line in within:
+            console.print("  " + line, markup=False)
     if summary.get("reps", 1) > 1:
         for line in spread_lines(summary):
             console.print(line, markup=False)

@@ -2,7 +2,8 @@
 
 Latency and SLO fields are pooled over a system's reps (each rep is also reported on its own,
 and every figure has its mean and 95% interval over reps, as have the ratios against fp, taken
-per rep pair); quality is token-weighted over the layer configurations a system actually served,
+per rep pair, and a within-run interval from resampling requests, ``eval.bootstrap``, which
+one rep also has); quality is token-weighted over the layer configurations a system actually served,
 each configuration evaluated once per run. A system-rep that failed (its server did not start,
 or an RL policy that fell back to the heuristic) is listed with its reason, and a rep whose
 client lagged behind the trace is flagged invalid, so no figure is read as what it is not.
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eval import metrics, report, stats
+from eval import bootstrap, metrics, report, stats
 from eval.metrics import FormatKey, Slo
 from eval.plan import Plan, layer_order
 from eval.run_dir import SystemRun
 from eval.servers import STATIC_K, static_k
+from sglang_morph.paths import repo_relative
 
 
 def _evaluate(plan: Plan, key: FormatKey, cache: dict, notes: list[str]) -> dict | None:
@@ -103,6 +105,12 @@ def _policy_loaded(runs: Sequence[SystemRun]) -> bool | None:
     return all(known) if known else None
 
 
+def _where(loaded: object) -> object:
+    """The checkpoint a server ran, relative to the checkout (summary.json carries no machine
+    paths); False or None as the server said."""
+    return repo_relative(loaded) if isinstance(loaded, str) else loaded
+
+
 def _total(values: Sequence[int | None]) -> int | None:
     known = [v for v in values if v is not None]
     return sum(known) if known else None
@@ -120,7 +128,7 @@ def _rep_row(run: SystemRun, slo: Slo, quality: tuple = (None, None, None)) -> d
         **stats.send_lag(run.records),
         "failure": run.failure,
         "fallbacks": state.get("fallbacks"),
-        "policy_loaded": state.get("policy_loaded"),
+        "policy_loaded": _where(state.get("policy_loaded")),
     }
 
 
@@ -237,6 +245,14 @@ def build_summary(
                 row["served_quality"] = plan_served_quality(plan, system_runs, nominal)
             summary["systems"][system] = row
     summary["vs_fp"] = _vs_fp(summary["systems"])
+    records = {name: [(run.rep, r) for run in runs[name] for r in run.records]
+               for name in summary["systems"]}
+    per_system, vs_fp = bootstrap.request_intervals(records, slo, report.REFERENCE)
+    for name, interval in per_system.items():
+        summary["systems"][name]["ci95_requests"] = interval
+    for name, interval in vs_fp.items():
+        summary["vs_fp"][name]["ci95_requests"] = interval
+    summary["bootstrap_draws"] = bootstrap.DRAWS
     summary["invalid_reps"] = _invalid_reps(summary["systems"])
     return summary
 

@@ -90,11 +90,18 @@ class RestoreStabilizer:
         self.held = 0
         """Ticks at which a restore was held back (for ``/morph/state`` and episode stats)."""
 
-    def apply(self, target: int, current: int, now: float, arrival_rate: float = 0.0) -> int:
+    def apply(self, target: int, current: int, now: float,
+              arrival_rate: float | None = None) -> int:
         """The depth to apply at ``now`` when the policy (after clipping) asks for ``target``,
         ``current`` layers are quantized and requests arrive at ``arrival_rate`` per second:
         ``target`` unless it restores layers that some recommendation of the window still
-        wanted quantized, or the load has not fallen (and no probe is due)."""
+        wanted quantized, or the load has not fallen (and no probe is due). The rate may be
+        left out only without a load drop: a gate fed nothing would open on every tick."""
+        if arrival_rate is None:
+            if self.load_drop > 0:
+                raise ValueError(f"a stabilizer with load_drop {self.load_drop:g} needs the "
+                                 "arrival rate at every decision")
+            arrival_rate = 0.0
         quantizing = target > current
         self._judge_last_restore(quantizing, now)
         self._track_load(arrival_rate, now, quantizing)

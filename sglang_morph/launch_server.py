@@ -34,7 +34,7 @@ from sglang_morph.data import resolve_model
 from sglang_morph.model_info import read_config, serving_device, vocab_size
 from sglang_morph.paths import DEFAULT_CHECKPOINT, absolute
 from sglang_morph.plugin import hook_targets
-from sglang_morph.profile_file import ProfileError, load_profile
+from sglang_morph.profile_file import LAST_TO_FIRST, ProfileError, load_profile, shipped_profile
 
 logger = logging.getLogger("sglang_morph")
 
@@ -109,7 +109,9 @@ def morph_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--morph-profile",
         default=None,
-        help="layer-importance profile JSON from python -m sglang_morph.profile",
+        help="layer-importance profile JSON from python -m sglang_morph.profile, or "
+        f"{LAST_TO_FIRST} (default: the profile the project ships for the served model, "
+        f"format and method when there is one, else {LAST_TO_FIRST})",
     )
     g.add_argument(
         "--morph-checkpoint",
@@ -232,6 +234,21 @@ def _check_profile(cfg: MorphConfig) -> None:
         )
 
 
+def _profile_path(given: str | None, model: str, fmt: str, method: str,
+                  group_size: int) -> str | None:
+    """``--morph-profile`` as the runtime takes it: a file made absolute, None for
+    last-to-first, or (not given) the shipped profile of the served model when it matches."""
+    if given == LAST_TO_FIRST:
+        return None
+    if given is not None:
+        return absolute(given)
+    layers = int(read_config(model)["num_hidden_layers"])
+    shipped = shipped_profile(model, layers, fmt, method, group_size)
+    if shipped is not None:
+        logger.info("layer order: the shipped profile %s", shipped)
+    return None if shipped is None else str(shipped)
+
+
 def _checked_model(model_path: str | None, data_dir: str | None) -> str:
     """The model directory to serve, with a readable config.json (SGLang would otherwise fail
     inside its own processes); UsageError naming the path otherwise."""
@@ -335,6 +352,9 @@ def build(
             f"unknown option {unknown_morph[0].split('=')[0]}; accepted --morph-* options: "
             + ", ".join(sorted(o for a in parser._actions for o in a.option_strings))
         )
+    sg = list(rest)
+    model = _checked_model(_value(sg, "--model-path"), known.morph_data_dir)
+    _set(sg, "--model-path", model)
     cfg = MorphConfig(
         policy=known.morph_policy,
         memory_budget_bytes=known.morph_memory_budget,
@@ -342,7 +362,9 @@ def build(
         group_size=known.morph_group_size,
         quant_method=known.morph_quant_method,
         static_format=known.morph_static_format,
-        profile_path=_absolute_or_none(known.morph_profile),
+        profile_path=_profile_path(
+            known.morph_profile, model, known.morph_static_format or known.morph_format,
+            known.morph_quant_method, known.morph_group_size),
         checkpoint_path=_absolute_or_none(known.morph_checkpoint),
         tick_interval_s=known.morph_tick_interval,
         restore_window_s=known.morph_restore_window,
@@ -358,9 +380,6 @@ def build(
         cfg.checkpoint_path = cfg.checkpoint_path or str(DEFAULT_CHECKPOINT)
         RLPolicy.load(cfg.checkpoint_path)  # CheckpointError says which file and why
 
-    sg = list(rest)
-    model = _checked_model(_value(sg, "--model-path"), known.morph_data_dir)
-    _set(sg, "--model-path", model)
     if cfg.enabled:
         _refuse_unsupported(cfg, sg, model)
     if not _has(sg, "--host"):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sglang_morph.paths import default_profile
+
 
 class ProfileError(ValueError):
     """A file that is not a usable layer profile."""
@@ -30,6 +32,29 @@ def load_profile(path: str | Path) -> dict:
     if sorted(profile["layer_order"]) != list(range(profile["num_layers"])):
         raise ProfileError(f"{path}: layer_order is not a permutation of the model's layers")
     return profile
+
+
+LAST_TO_FIRST = "last_to_first"
+"""The ``--morph-profile`` keyword for no profile: layers are quantized last to first."""
+
+
+def shipped_profile(model_path: str | Path, num_layers: int, fmt: str, method: str,
+                    group_size: int) -> Path | None:
+    """The profile the project ships for this model, format, method and group size, when it
+    has one: the server should quantize in the project's measured order without being told
+    where that order lives. A profile matches by model directory name and layer count (a
+    random-weight model of another shape never does); int8 has no groups."""
+    path = default_profile(fmt, method)
+    try:
+        profile = load_profile(path)
+    except ProfileError:
+        return None
+    same = (profile.get("model") == Path(model_path).name
+            and profile["num_layers"] == num_layers
+            and profile["format"] == fmt
+            and profile.get("quant_method", "rtn") == method
+            and (fmt != "int4" or profile.get("group_size") == group_size))
+    return path if same else None
 
 
 def layer_order(profile: dict) -> list[int]:

@@ -449,6 +449,7 @@ class MorphRuntime:
             "policy": cfg.policy,
             "static_format": cfg.static_format,
             "quant_format": cfg.quant_format,
+            "profile": cfg.profile_path,
             "budget_bytes": cfg.memory_budget_bytes,
             "kv_segment_tokens": cfg.kv_segment_tokens,
         }

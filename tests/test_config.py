@@ -72,7 +72,7 @@ def test_awq_needs_a_matching_profile():
     from sglang_morph.launch_server import build
 
     with pytest.raises(UsageError, match="needs --morph-profile"):
-        build(["--morph-quant-method", "awq"])
+        build(["--morph-quant-method", "awq", "--morph-profile", "last_to_first"])
     profiles = Path(__file__).resolve().parent.parent / "checkpoints" / "profiles"
     rtn = str(profiles / "stories260K-int4.json")
     with pytest.raises(UsageError, match="rtn/int4/32, not awq/int4/32"):
@@ -82,6 +82,29 @@ def test_awq_needs_a_matching_profile():
         build(["--morph-quant-method", "awq", "--morph-profile", awq, "--morph-group-size", "64"])
     cfg, _ = build(["--morph-quant-method", "awq", "--morph-profile", awq])
     assert cfg.quant_method == "awq"
+
+
+def test_launcher_serves_the_shipped_profile_unless_told_otherwise(tmp_path):
+    """A server started as the README shows quantizes in the project's measured layer order;
+    ``last_to_first``, another grid or another model gets the old order, never a profile
+    measured for something else."""
+    import shutil
+
+    from sglang_morph.data import resolve_model
+    from sglang_morph.launch_server import build
+    from sglang_morph.paths import default_profile
+
+    assert build([])[0].profile_path == str(default_profile("int4"))
+    assert build(["--morph-format", "int8"])[0].profile_path == str(default_profile("int8"))
+    assert build(["--morph-static-format", "int8"])[0].profile_path == str(
+        default_profile("int8"))
+    awq = build(["--morph-quant-method", "awq"])[0]
+    assert awq.profile_path == str(default_profile("int4", "awq"))
+    assert build(["--morph-profile", "last_to_first"])[0].profile_path is None
+    assert build(["--morph-group-size", "64"])[0].profile_path is None  # measured at g32
+    other = tmp_path / "other-model"
+    shutil.copytree(resolve_model(None), other)
+    assert build(["--model-path", str(other)])[0].profile_path is None
 
 
 def test_launcher_makes_user_paths_absolute_and_loads_the_rl_checkpoint(monkeypatch, tmp_path):
@@ -122,7 +145,8 @@ def _launcher_usage_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--morph-profile", str(tmp_path / "absent.json")],
          "--morph-profile: cannot read layer profile"),
         (["--morph-profile", str(tmp_path / "not-json.json")], "is not JSON"),
-        (["--morph-quant-method", "awq"], "needs --morph-profile"),
+        (["--morph-quant-method", "awq", "--morph-profile", "last_to_first"],
+         "needs --morph-profile"),
         (["--morph-policy", "heuristic", "--morph-static-format", "int4"],
          "accepts --morph-policy off or manual"),
         (["--morph-ttft-slo", "0"], "--morph-ttft-slo must be a positive number"),

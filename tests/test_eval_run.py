@@ -746,7 +746,41 @@ def test_reps_give_intervals_ratios_per_pair_and_flag_lagging_reps(
 
     one = build_summary(_plan(tmp_path / "one", "fp"), {"fp": runs["fp"][:1]}, False)
     assert one["systems"]["fp"]["ci95"]["slo_violation_rate"] is None
-    assert "Repetitions: 1 (one rep: no confidence intervals)" in markdown(one)
+    assert "Repetitions: 1 (one rep: intervals from resampling requests only)" in markdown(one)
+
+
+def test_one_rep_gets_intervals_from_resampling_its_requests(tmp_path: Path) -> None:
+    """The main job runs one rep: its figures still come with a 95% interval, from resampling
+    the requests every system served (the same draw for fp and morph, so a ratio's interval
+    is of paired requests), and the report and console say which interval it is."""
+    import io
+
+    from rich.console import Console
+
+    from eval.bootstrap import DRAWS
+    from eval.report import print_table
+
+    fp = _records(0.05, 0.01)
+    for r in fp[:4]:
+        r.ttft_s = 0.8  # half of fp's requests miss the 0.5-s TTFT SLO
+    morph = _records(0.05, 0.01)
+    morph[0].ttft_s = 0.8  # morph misses one, and it is one that fp missed too
+    runs = {"fp": [SystemRun("fp", 0, fp)],
+            "morph-heuristic": [SystemRun("morph-heuristic", 0, morph)]}
+    summary = build_summary(_plan(tmp_path, "fp,morph-heuristic"), runs, False)
+    assert summary["bootstrap_draws"] == DRAWS
+    lo, hi = summary["systems"]["fp"]["ci95_requests"]["slo_violation_rate"]
+    assert lo < 0.5 < hi and 0.0 <= lo and hi <= 1.0
+    lo, hi = summary["systems"]["morph-heuristic"]["ci95_requests"]["slo_violation_rate"]
+    assert lo == 0.0 and 0.125 < hi < 0.5
+    red_lo, red_hi = summary["vs_fp"]["morph-heuristic"]["ci95_requests"]["violation_reduction_pct"]
+    assert red_lo < 75.0 < red_hi <= 100.0  # pooled: (4 - 1) / 4
+    speed = summary["vs_fp"]["morph-heuristic"]["ci95_requests"]["p95_ttft_speedup"]
+    assert speed[0] >= 1.0  # in every resample morph's P95 is at most fp's
+    assert "resamples of its requests" in markdown(summary)
+    out = io.StringIO()
+    print_table(summary, Console(file=out, width=200))
+    assert "morph-heuristic vs fp: SLO violations +75.0% [" in out.getvalue()
 
 
 def test_static_k_searches_the_smallest_k_then_keeps_it(

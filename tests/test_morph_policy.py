@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from sglang_morph.config import PROVISIONAL_TTFT_SLO_S, RESTORE_LOAD_DROP
+from sglang_morph.paths import default_profile
+from sglang_morph.profile_file import load_profile
 from sglang_morph.server_process import Server
 from tests.live_load import BUDGET, burst, watch
 
@@ -44,6 +46,13 @@ def test_heuristic_quantizes_in_a_burst_and_restores_after(heuristic):
     assert all(r["meta_info"]["completion_tokens"] == 60 for r in done)
     peak = max(s["quantized_layers"] for s in seen)
     assert peak > 0, "the heuristic never quantized during the burst"
+    # Started without --morph-profile, as the README shows: the layers went to int4 in the
+    # shipped profile's order (least important first), not last to first.
+    shipped = load_profile(default_profile())["layer_order"]
+    assert seen[0]["profile"] == str(default_profile()) and seen[0]["layer_order"] == shipped
+    first = next(s for s in seen if s["quantized_layers"] > 0)
+    int4 = {x["id"] for x in first["layers"] if x["format"] != "fp"}
+    assert int4 == set(shipped[: first["quantized_layers"]])
     assert max(s["kv_capacity_tokens"] for s in seen) > seen[0]["kv_capacity_tokens"]
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

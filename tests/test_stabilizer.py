@@ -17,14 +17,14 @@ from tests.test_heuristic import TICK_S, replay, trace_of
 
 
 def test_quantizing_is_never_delayed() -> None:
-    s = RestoreStabilizer(10.0, 10.0)
+    s = RestoreStabilizer(10.0, 10.0, load_drop=0.0)
     assert s.apply(3, 0, 0.0) == 3
     assert s.apply(5, 3, 0.1) == 5
     assert s.held == 0
 
 
 def test_a_restore_waits_until_the_window_holds_only_restore_recommendations() -> None:
-    s = RestoreStabilizer(1.0, 1.0)
+    s = RestoreStabilizer(1.0, 1.0, load_drop=0.0)
     assert s.apply(2, 0, 0.0) == 2
     assert [s.apply(1, 2, t) for t in (0.2, 0.5, 0.9)] == [2, 2, 2]
     assert s.apply(1, 2, 1.0) == 1  # the quantize recommendation left the window
@@ -32,7 +32,7 @@ def test_a_restore_waits_until_the_window_holds_only_restore_recommendations() -
 
 
 def test_a_hold_recommendation_restarts_the_wait() -> None:
-    s = RestoreStabilizer(1.0, 1.0)
+    s = RestoreStabilizer(1.0, 1.0, load_drop=0.0)
     s.apply(2, 2, 0.0)
     s.apply(1, 2, 0.6)
     s.apply(2, 2, 0.8)  # the policy holds once
@@ -41,13 +41,13 @@ def test_a_hold_recommendation_restarts_the_wait() -> None:
 
 
 def test_zero_window_restores_at_once() -> None:
-    s = RestoreStabilizer(0.0, 0.0)
+    s = RestoreStabilizer(0.0, 0.0, load_drop=0.0)
     s.apply(3, 0, 0.0)
     assert s.apply(0, 3, 0.0) == 0 and s.held == 0
 
 
 def test_the_window_doubles_on_a_regretted_restore_and_halves_on_one_that_held() -> None:
-    s = RestoreStabilizer(1.0, 8.0)
+    s = RestoreStabilizer(1.0, 8.0, load_drop=0.0)
     s.apply(1, 1, 0.0)
     assert s.apply(0, 1, 1.0) == 0  # restored
     s.apply(1, 0, 2.0)  # quantized again within max_window: the restore was a waste
@@ -64,13 +64,20 @@ def test_the_window_doubles_on_a_regretted_restore_and_halves_on_one_that_held()
 
 
 def test_memory_stays_bounded() -> None:
-    s = RestoreStabilizer(1.0, 1.0)
+    s = RestoreStabilizer(1.0, 1.0, load_drop=0.0)
     for i in range(10_000):
         s.apply(i % 5, 5, i * 0.001)
     assert s.entries() <= 5  # one per distinct target that could still be the maximum
 
 
 @pytest.mark.parametrize("window", [-1.0, float("nan"), float("inf")])
+def test_a_load_gate_without_the_load_is_refused() -> None:
+    """Left without the arrival rate, the gate would see no peak and open on every tick."""
+    with pytest.raises(ValueError, match="needs the arrival rate"):
+        RestoreStabilizer(1.0, 10.0, load_drop=0.25).apply(0, 1, 0.0)
+    assert RestoreStabilizer(1.0, 10.0, load_drop=0.0).apply(3, 0, 0.0) == 3
+
+
 def test_bad_windows_are_refused(window: float) -> None:
     with pytest.raises(ValueError, match="window_s"):
         RestoreStabilizer(window, 10.0)
