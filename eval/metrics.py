@@ -53,13 +53,15 @@ def wall_time_s(records: Sequence[RequestRecord]) -> float:
     return max(ends, default=0.0)
 
 
-def summarize(records: Sequence[RequestRecord], slo: Slo) -> dict:
-    """The per-system latency fields of summary.json."""
+def summarize(records: Sequence[RequestRecord], slo: Slo, wall_s: float | None = None) -> dict:
+    """The per-system latency fields of summary.json; rates per second are over ``wall_s``
+    (default: the records' own wall time; records pooled over reps pass the reps' summed wall
+    time, since each rep replays the window from its own zero)."""
     ok = [r for r in records if r.ok]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     tpots = [r.tpot_s for r in ok if r.tpot_s is not None]
     violations = sum(violates(r, slo) for r in records)
-    wall = wall_time_s(records)
+    wall = wall_time_s(records) if wall_s is None else wall_s
     return {
         "requests": len(records),
         "completed": len(ok),

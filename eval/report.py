@@ -426,7 +426,9 @@ SWEEP_LABELS = {
 
 def plot_sweep(path: Path, points: Sequence[Mapping], x: str, y: str) -> None:
     """One line per system of ``y`` (its mean over reps, with the 95% interval as error bars
-    when there is one) against the point field ``x``, points sorted along x."""
+    when there is one, drawn within the values ``y`` can take: a rate in [0, 1], a latency
+    above 0; the t interval of two reps is unbounded) against the point field ``x``, points
+    sorted along x."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,7 +446,9 @@ def plot_sweep(path: Path, points: Sequence[Mapping], x: str, y: str) -> None:
             ci = (row.get("ci95") or {}).get(y)
             xs.append(xv)
             means.append(mean)
-            errs.append((mean - ci[0], ci[1] - mean) if ci else (0.0, 0.0))
+            lo, hi = ci if ci else (mean, mean)
+            lo, hi = max(lo, 0.0), min(hi, 1.0) if y.endswith("_rate") else hi
+            errs.append((mean - lo, hi - mean))
         if xs:
             yerr = [[e[0] for e in errs], [e[1] for e in errs]]
             ax.errorbar(xs, means, yerr=yerr, marker="o", capsize=3, label=name)

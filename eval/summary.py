@@ -137,7 +137,8 @@ def _system_row(
 ) -> dict:
     """One system's summary.json entry, pooled over its reps, with each figure's mean and 95%
     interval over its valid reps (``mean``, ``ci95``, ``valid_reps``)."""
-    row = metrics.summarize([r for run in runs for r in run.records], slo)
+    row = metrics.summarize([r for run in runs for r in run.records], slo,
+                            sum(metrics.wall_time_s(run.records) for run in runs))
     ppl, kl, mean_k = quality
     start = runs[0].state_start or {}
     row.update(

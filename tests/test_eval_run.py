@@ -727,6 +727,10 @@ def test_reps_give_intervals_ratios_per_pair_and_flag_lagging_reps(
     assert hi == pytest.approx(1 / 16 + 12.7062 * (0.125 / 2**0.5) / 2**0.5)
     fp = summary["systems"]["fp"]
     assert fp["ci95"]["ttft_p95_s"][0] < fp["mean"]["ttft_p95_s"] == pytest.approx(0.6)
+    # Pooled rates per second are over the reps' summed wall time, not one rep's.
+    per_rep = [r["throughput_tok_s"] for r in fp["per_rep"]]
+    assert min(per_rep) <= fp["throughput_tok_s"] <= max(per_rep)
+    assert fp["wall_s"] == pytest.approx(sum(r["wall_s"] for r in fp["per_rep"]))
     # Ratios per rep pair: fp's p95 TTFT 0.4 and 0.6 against morph's 0.1 and 0.3.
     vs = summary["vs_fp"]["morph-heuristic"]
     assert [r["rep"] for r in vs["per_rep"]] == [0, 1] and vs["n"] == 2
