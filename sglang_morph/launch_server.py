@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rl_controller.rl_policy import CheckpointError, RLPolicy
 from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with
@@ -30,7 +31,7 @@ from sglang_morph.config import (
     MorphConfig,
     parse_bytes,
 )
-from sglang_morph.data import resolve_model
+from sglang_morph.data import DEFAULT_MODEL, resolve_model
 from sglang_morph.model_info import read_config, serving_device, vocab_size
 from sglang_morph.paths import DEFAULT_CHECKPOINT, absolute
 from sglang_morph.plugin import hook_targets
@@ -234,7 +235,7 @@ def _check_profile(cfg: MorphConfig) -> None:
         )
 
 
-def _profile_path(given: str | None, model: str, fmt: str, method: str,
+def _profile_path(given: str | None, model: str, data_dir: str | None, fmt: str, method: str,
                   group_size: int) -> str | None:
     """``--morph-profile`` as the runtime takes it: a file made absolute, None for
     last-to-first, or (not given) the shipped profile of the served model when it matches."""
@@ -242,8 +243,13 @@ def _profile_path(given: str | None, model: str, fmt: str, method: str,
         return None
     if given is not None:
         return absolute(given)
+    try:
+        embedded = Path(model).resolve() == Path(resolve_model(None, data_dir)).resolve()
+    except FileNotFoundError:  # no embedded model here: the served one is another
+        embedded = False
     layers = int(read_config(model)["num_hidden_layers"])
-    shipped = shipped_profile(model, layers, fmt, method, group_size)
+    shipped = shipped_profile(DEFAULT_MODEL if embedded else model, layers, fmt, method,
+                              group_size)
     if shipped is not None:
         logger.info("layer order: the shipped profile %s", shipped)
     return None if shipped is None else str(shipped)
@@ -363,7 +369,8 @@ def build(
         quant_method=known.morph_quant_method,
         static_format=known.morph_static_format,
         profile_path=_profile_path(
-            known.morph_profile, model, known.morph_static_format or known.morph_format,
+            known.morph_profile, model, known.morph_data_dir,
+            known.morph_static_format or known.morph_format,
             known.morph_quant_method, known.morph_group_size),
         checkpoint_path=_absolute_or_none(known.morph_checkpoint),
         tick_interval_s=known.morph_tick_interval,

@@ -38,18 +38,18 @@ LAST_TO_FIRST = "last_to_first"
 """The ``--morph-profile`` keyword for no profile: layers are quantized last to first."""
 
 
-def shipped_profile(model_path: str | Path, num_layers: int, fmt: str, method: str,
+def shipped_profile(model: str, num_layers: int, fmt: str, method: str,
                     group_size: int) -> Path | None:
-    """The profile the project ships for this model, format, method and group size, when it
-    has one: the server should quantize in the project's measured order without being told
-    where that order lives. A profile matches by model directory name and layer count (a
-    random-weight model of another shape never does); int8 has no groups."""
+    """The profile the project ships for ``model`` (the name the profiler recorded: the
+    embedded model's name, else its path), format, method and group size, when it has one:
+    the server should quantize in the project's measured order without being told where that
+    order lives. The layer count must match too; int8 has no groups."""
     path = default_profile(fmt, method)
     try:
         profile = load_profile(path)
     except ProfileError:
         return None
-    same = (profile.get("model") == Path(model_path).name
+    same = (profile.get("model") == model
             and profile["num_layers"] == num_layers
             and profile["format"] == fmt
             and profile.get("quant_method", "rtn") == method
