@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "time_scale": ts,
                 "slo_scale": ss,
                 "budget": budget,
-                "run_dir": str(run_dir),
+                "run_dir": name,  # beside sweep.json: no machine paths in results
                 "exit_status": code,
             }
             if code == 2 and not points:
