@@ -80,6 +80,7 @@ FLOORS: dict[str, int] = {
     "eval.summary": WORKLOAD,
     "eval.execute": WORKLOAD,
     "eval.stats": WORKLOAD,
+    "eval.bootstrap": WORKLOAD,
     "eval.run_dir": WORKLOAD,
     "eval.capacity": WORKLOAD,
     # simulation: the gymnasium environment, its simulator and backends
