@@ -5,8 +5,9 @@
 
 The trace is cut by time into consecutive windows: the first ``--train-frac`` trains, the next
 ``--val-frac`` validates, the rest is the test part. One candidate is trained per seed and per
-``--quality-weights`` entry; the candidate with the highest reward on the validation windows
-(under the first quality weight, so candidates are judged alike) is kept, and only then is every
+``--quality-weights`` entry. The heuristic is replayed on the validation windows too, and the
+candidate kept is the one that beats it there by the widest margin (``choose_candidate``: the
+project's target for the learned controller is to dominate the heuristic); only then is every
 candidate replayed once on the test windows, for the report. Writes NAME.zip (SB3 PPO),
 NAME.actor.npz (its actor for numpy, what the server loads), NAME.json (everything needed to
 rebuild the environment and check compatibility, with repository-relative paths, the split,
@@ -426,6 +427,37 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
                     restore_load_drop=args.restore_load_drop)
 
 
+def dominance_margin(result: PolicyResult, heuristic: PolicyResult) -> float | None:
+    """How far ``result`` beats ``heuristic``: the larger of its relative reductions in SLO
+    violations (TTFT and TPOT together) and in quality cost per token, when it is at least as
+    good on both; None when it is worse on either (it does not dominate)."""
+    late, late_h = result.late + result.tpot_late, heuristic.late + heuristic.tpot_late
+    quality, quality_h = result.quality_per_token, heuristic.quality_per_token
+    if late > late_h or quality > quality_h:
+        return None
+    return max(1 - late / late_h if late_h else 0.0, 1 - quality / quality_h if quality_h else 0.0)
+
+
+def choose_candidate(results: list[PolicyResult], heuristic: PolicyResult) -> tuple[int, str]:
+    """Index of the candidate to keep, from validation results only, and why.
+
+    The learned controller is there to dominate the heuristic (violations and quality cost
+    both at most its, one clearly lower), so that is what chooses: among the candidates that
+    dominate it on validation, the widest margin (ties: higher reward). When none does, the
+    highest reward, and the reason says that none dominated.
+    """
+    margins = [dominance_margin(r, heuristic) for r in results]
+    dominating = [i for i, m in enumerate(margins) if m is not None]
+    if dominating:
+        best = max(dominating, key=lambda i: (margins[i], results[i].reward))
+        return best, (f"dominates the heuristic on the validation windows by the widest margin "
+                      f"({margins[best]:.1%}) of the {len(dominating)} of {len(results)} "
+                      f"candidates that do")
+    best = max(range(len(results)), key=lambda i: results[i].reward)
+    return best, (f"none of the {len(results)} candidates dominates the heuristic on the "
+                  "validation windows: highest validation reward")
+
+
 def rl_result(env: MorphEnv, path: Path) -> PolicyResult:
     rl = RLPolicy.load(path)
     return evaluate_policies(env, {"rl": lambda: rl})[0]
@@ -463,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # 1. Candidates, each judged on the validation windows only.
         validation = judged(inputs, inputs.val_windows, reference, args)
+        heuristic_val = evaluate_policies(validation, {"heuristic": HeuristicPolicy})[0]
+        console.print(f"heuristic on validation: reward {heuristic_val.reward:.1f}, TTFT "
+                      f"violations {heuristic_val.violation_rate:.2%}, quality/token "
+                      f"{heuristic_val.quality_per_token:.4f}")
         candidates = []
         for quality_weight in quality_weights:
             weights = weights_with(quality_weight)
@@ -472,9 +508,12 @@ def main(argv: list[str] | None = None) -> None:
                 c.val = rl_result(validation, path)
                 console.print(f"  validation reward {c.val.reward:.1f}, TTFT violations "
                               f"{c.val.violation_rate:.2%}, TPOT violations "
-                              f"{c.val.tpot_violation_rate:.2%}")
+                              f"{c.val.tpot_violation_rate:.2%}, quality/token "
+                              f"{c.val.quality_per_token:.4f}")
                 candidates.append(c)
-        best = max(candidates, key=lambda c: c.val.reward)
+        chosen, why = choose_candidate([c.val for c in candidates], heuristic_val)
+        best = candidates[chosen]
+        console.print(f"kept seed {best.seed}, quality weight {best.quality_weight:g}: {why}")
         # 2. The test windows, once per candidate, after the choice.
         test = judged(inputs, inputs.test_windows, reference, args)
         for c in candidates:
@@ -486,8 +525,9 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     meta = {**best.meta, "seeds": seeds, "quality_weights": quality_weights,
-            "selection": "highest reward on the validation windows under the reference weights "
-            f"{asdict(reference)}; test windows replayed only after the choice",
+            "selection": f"{why}; rewards under the reference weights {asdict(reference)}; "
+            "test windows replayed only after the choice",
+            "validation_heuristic": heuristic_val.as_dict(),
             "candidates": [c.summary() for c in candidates],
             "selected": {"seed": best.seed, "quality_weight": best.quality_weight}}
     meta_path = out.with_suffix(".json")

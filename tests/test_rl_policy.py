@@ -15,6 +15,7 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
+from envs.episodes import PolicyResult
 from envs.morph_env import MorphEnv
 from eval.traces import Trace, TraceRequest
 from rl_controller import actor_export
@@ -296,6 +297,32 @@ def test_fallback_policy_refuses_an_unusable_checkpoint(tmp_path: Path) -> None:
         FallbackPolicy.from_checkpoint(tmp_path / "absent.zip")
 
 
+def _result(row: dict) -> PolicyResult:
+    """A PolicyResult from its ``as_dict`` (derived fields dropped)."""
+    return PolicyResult(**{f.name: row[f.name] for f in dataclasses.fields(PolicyResult)})
+
+
+def _val(late: int, quality_cost: float, reward: float) -> PolicyResult:
+    return PolicyResult("rl", 3, 100, late, 0, 1000, quality_cost, 4, 0, 0, 2, 0.5, 1.0, 0.2,
+                        reward)
+
+
+def test_training_keeps_the_candidate_that_dominates_the_heuristic_widest_on_validation() -> None:
+    from rl_controller.train import choose_candidate, dominance_margin
+
+    heuristic = _val(10, 100.0, -20.0)
+    fewer_late = _val(8, 100.0, -18.0)          # 20% fewer violations, same quality
+    better_quality = _val(10, 70.0, -17.0)      # same violations, 30% less quality cost
+    best_reward = _val(11, 50.0, -15.0)         # highest reward, but more violations
+    assert dominance_margin(fewer_late, heuristic) == pytest.approx(0.2)
+    assert dominance_margin(best_reward, heuristic) is None
+    chosen, why = choose_candidate([fewer_late, best_reward, better_quality], heuristic)
+    assert chosen == 2 and "dominates" in why and "2 of 3" in why
+    # No candidate dominates: the highest reward, and the reason says so.
+    chosen, why = choose_candidate([best_reward, _val(12, 90.0, -30.0)], heuristic)
+    assert chosen == 0 and why.startswith("none of the 2 candidates dominates")
+
+
 @pytest.mark.slow
 def test_train_script_end_to_end(tmp_path: Path) -> None:
     """The training command writes a loadable checkpoint, its metadata and its curve."""
@@ -328,8 +355,11 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     # on validation, and it is the checkpoint written.
     assert [c["seed"] for c in meta["candidates"]] == [1, 2] and meta["seeds"] == [1, 2]
     assert all(c["validation"] and c["test"] for c in meta["candidates"])
-    best = max(meta["candidates"], key=lambda c: c["validation"]["reward"])
-    assert meta["selected"]["seed"] == best["seed"] == meta["seed"]
+    heuristic = _result(meta["validation_heuristic"])
+    chosen, why = train.choose_candidate(
+        [_result(c["validation"]) for c in meta["candidates"]], heuristic)
+    assert meta["selected"]["seed"] == meta["candidates"][chosen]["seed"] == meta["seed"]
+    assert meta["selection"].startswith(why)
     assert [r["policy"] for r in meta["eval"]] == ["rl", "heuristic", "always-0", "always-L"]
     RLPolicy.load(out)
 
