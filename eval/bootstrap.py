@@ -62,25 +62,33 @@ def request_intervals(
     ``{"violation_reduction_pct": [lo, hi], "p95_ttft_speedup": [lo, hi]}`` over the
     requests it shares with ``reference``; a bound is None where most draws leave it undefined."""
     by_key = {name: {(rep, r.index): r for rep, r in rows} for name, rows in records.items()}
+    cache: dict[tuple[str, tuple[Key, ...]], tuple[np.ndarray, np.ndarray]] = {}
+
+    def resampled(name: str, keys: tuple[Key, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Violation rate and P95 TTFT of ``name`` under every draw over ``keys``: the same
+        draw for every system with these keys, and computed once per system (a system's own
+        interval and its ratio to the reference use one pass when, as usual, it served
+        exactly the reference's requests)."""
+        if (name, keys) not in cache:
+            index = np.random.default_rng(seed).integers(0, len(keys), size=(draws, len(keys)))
+            cache[name, keys] = _draws(*_columns(by_key[name], keys, slo), index)
+        return cache[name, keys]
+
     per_system: dict[str, dict] = {}
     for name, rows in by_key.items():
-        keys = sorted(rows)
-        if not keys:
-            continue
-        index = np.random.default_rng(seed).integers(0, len(keys), size=(draws, len(keys)))
-        rate, p95 = _draws(*_columns(rows, keys, slo), index)
-        per_system[name] = {"slo_violation_rate": _bounds(rate), "ttft_p95_s": _bounds(p95)}
+        if rows:
+            rate, p95 = resampled(name, tuple(sorted(rows)))
+            per_system[name] = {"slo_violation_rate": _bounds(rate), "ttft_p95_s": _bounds(p95)}
     vs: dict[str, dict] = {}
     ref = by_key.get(reference)
     for name, rows in by_key.items():
         if name == reference or not ref:
             continue
-        keys = sorted(set(rows) & set(ref))
+        keys = tuple(sorted(set(rows) & set(ref)))
         if not keys:
             continue
-        index = np.random.default_rng(seed).integers(0, len(keys), size=(draws, len(keys)))
-        ref_rate, ref_p95 = _draws(*_columns(ref, keys, slo), index)
-        rate, p95 = _draws(*_columns(rows, keys, slo), index)
+        ref_rate, ref_p95 = resampled(reference, keys)
+        rate, p95 = resampled(name, keys)
         with np.errstate(divide="ignore", invalid="ignore"):
             reduction = np.where(ref_rate > 0, 100.0 * (ref_rate - rate) / ref_rate, np.nan)
             speedup = np.where(p95 > 0, ref_p95 / p95, np.nan)

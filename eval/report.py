@@ -195,6 +195,12 @@ def spread_lines(summary: Mapping) -> list[str]:
     return lines
 
 
+def request_interval_heading(summary: Mapping) -> str:
+    """What the within-run intervals are, said the same way in report.md and on the console."""
+    return (f"95% intervals within this run ({summary.get('bootstrap_draws')} resamples of its "
+            "requests; machine drift between runs is not in them):")
+
+
 def request_interval_lines(summary: Mapping) -> list[str]:
     """Each system's violation rate and P95 TTFT, and its ratios against fp, with the 95%
     interval from resampling this run's requests (machine drift between runs is not in it)."""
@@ -259,8 +265,7 @@ def markdown(summary: Mapping, figures: Sequence[str] = ()) -> str:
             lines.append(f"| {name} | " + " | ".join(_ratio_texts(r)) + " |")
     within = request_interval_lines(summary)
     if within:
-        lines += ["", f"Within this run (95% interval from {summary.get('bootstrap_draws')} "
-                  "resamples of its requests; machine drift between runs is not in it):", ""]
+        lines += ["", request_interval_heading(summary), ""]
         lines += [f"- {line}" for line in within]
     if summary.get("systems"):
         lines += ["", "Over reps (mean [95% interval]; invalid reps left out):", ""]
@@ -388,8 +393,7 @@ def print_table(summary: Mapping, console: Console | None = None) -> None:
         )
     within = request_interval_lines(summary)
     if within:
-        console.print(f"95% intervals within this run ({summary.get('bootstrap_draws')} resamples "
-                      "of its requests; machine drift between runs is not in them):")
+        console.print(request_interval_heading(summary), markup=False)
         for line in within:
             console.print("  " + line, markup=False)
     if summary.get("reps", 1) > 1:

@@ -207,7 +207,7 @@ def build_summary(
     summary: dict = {
         "trace": {
             "name": trace.name,
-            "source": trace.meta.get("source"),
+            "source": trace.meta.get("source") and repo_relative(trace.meta["source"]),
             "window": trace.meta.get("window"),
             "window_how": trace.meta.get("window_how"),
             "time_scale": trace.meta.get("time_scale"),

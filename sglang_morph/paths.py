@@ -34,10 +34,12 @@ def absolute(path: str | os.PathLike) -> str:
 
 
 def repo_relative(path: str | os.PathLike) -> str:
-    """``path`` relative to the checkout when it lies inside it (for metadata that must not
-    carry machine paths), else unchanged."""
+    """``path`` relative to the checkout when it lies inside it or beside it (the shared data
+    folder next to the checkout: ``../shared/...``), for metadata and reports that must not
+    carry machine paths; anything else unchanged."""
     p = Path(path).resolve()
-    try:
+    if p.is_relative_to(REPO_ROOT):
         return str(p.relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
+    if p.is_relative_to(REPO_ROOT.parent) and REPO_ROOT.parent != Path(p.anchor):
+        return str(Path("..") / p.relative_to(REPO_ROOT.parent))
+    return str(path)

@@ -179,3 +179,14 @@ def test_launcher_usage_errors_exit_2_with_one_line(
         launch_server.main([])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("error: sglang-morph needs sglang==")
+
+
+def test_recorded_paths_carry_no_machine_prefix():
+    """Metadata and reports name files inside the checkout, or in the shared folder beside
+    it, relative to the checkout; another place stays as given."""
+    from sglang_morph.paths import REPO_ROOT, repo_relative
+
+    assert repo_relative(REPO_ROOT / "checkpoints" / "morph-ppo.zip") == "checkpoints/morph-ppo.zip"
+    beside = REPO_ROOT.parent / "shared" / "data" / "traces" / "azure2023_code.csv"
+    assert repo_relative(beside) == "../shared/data/traces/azure2023_code.csv"
+    assert repo_relative("/") == "/"
