@@ -4,20 +4,21 @@
         --out checkpoints/morph-ppo.zip --seeds 1,2,3 --n-envs 4 --window-s 60 --time-scale 0.25
 
 The trace is cut by time into consecutive windows: the first ``--train-frac`` trains, the next
-``--val-frac`` validates, the rest is the test part. One candidate is trained per seed and per
-``--quality-weights`` entry. The heuristic is replayed on the validation windows too, and the
-candidate kept is the one that beats it there by the widest margin (``choose_candidate``: the
-project's target for the learned controller is to dominate the heuristic); only then is every
-candidate replayed once on the test windows, for the report. Writes NAME.zip (SB3 PPO),
-NAME.actor.npz (its actor for numpy, what the server loads), NAME.json (everything needed to
-rebuild the environment and check compatibility, with repository-relative paths, the split,
-every candidate's validation and test results and the selection) and NAME.png (the kept
-candidate's training curve).
+``--val-frac`` validates, the rest is the test part. One candidate is trained per seed, per
+``--quality-weights`` entry and per ``--learning-rates`` entry. The heuristic is replayed on
+the validation windows too, and the candidate kept is the one that beats it there by the
+widest margin (``choose_candidate``: the learned controller is there to dominate the
+heuristic); only then is every candidate replayed once on the test windows, for the report.
+Writes NAME.zip (SB3 PPO), NAME.actor.npz (its actor for numpy, what the server loads),
+NAME.json (everything needed to rebuild the environment and check compatibility, with
+repository-relative paths, the split, every candidate's validation and test results and the
+selection) and NAME.png (the kept candidate's training curve).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import shutil
@@ -126,8 +127,9 @@ class Args:
     quality_weights: str = _arg(str(RewardWeights.quality), "comma-separated costs of a token "
                                 "at quality delta 1: one candidate each (per seed)")
     transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
-    learning_rate: float = _arg(1e-4, "Adam step size (small: PPO refines the cloned "
-                                "heuristic rather than leaving it)")
+    learning_rates: str = _arg("1e-4", "comma-separated Adam step sizes of PPO: one candidate "
+                               "each (per seed and quality weight); small ones refine the cloned "
+                               "heuristic, larger ones may leave it")
     bc_epochs: int = _arg(30, "epochs of behaviour cloning of the heuristic (0 = none)")
     bc_learning_rate: float = _arg(1e-3, "Adam step size of the cloning")
     n_steps: int = _arg(512, "rollout ticks per environment between updates", positive_int)
@@ -317,10 +319,12 @@ def load_inputs(args: Args) -> Inputs:
 
 @dataclass
 class Candidate:
-    """One trained candidate: its seed and quality weight, files, training log and results."""
+    """One trained candidate: its seed, quality weight and learning rate, files, training log
+    and results."""
 
     seed: int
     quality_weight: float
+    learning_rate: float
     path: Path
     meta: dict
     rows: list[dict]
@@ -329,15 +333,18 @@ class Candidate:
 
     def summary(self) -> dict:
         return {"seed": self.seed, "quality_weight": self.quality_weight,
+                "learning_rate": self.learning_rate,
                 "validation": self.val.as_dict() if self.val else None,
                 "test": self.test.as_dict() if self.test else None}
 
 
 def train_candidate(
-    args: Args, inputs: Inputs, weights: RewardWeights, seed: int, path: Path, console: Console
+    args: Args, inputs: Inputs, weights: RewardWeights, learning_rate: float, seed: int,
+    path: Path, console: Console,
 ) -> Candidate:
-    """Clone the heuristic, train PPO for one seed and reward weights, and write the checkpoint,
-    its actor and its metadata at ``path`` (so that ``RLPolicy.load`` can run it)."""
+    """Clone the heuristic, train PPO for one seed, reward weights and learning rate, and write
+    the checkpoint, its actor and its metadata at ``path`` (so that ``RLPolicy.load`` can run
+    it)."""
     trace, calibration, replica = inputs.trace, inputs.calibration, inputs.replica
 
     def make_env() -> MorphEnv:
@@ -351,7 +358,7 @@ def train_candidate(
 
     # Agent: PPO with a small MLP (the decision must cost microseconds in the scheduler).
     model = PPO(
-        "MlpPolicy", envs, learning_rate=args.learning_rate, n_steps=args.n_steps,
+        "MlpPolicy", envs, learning_rate=learning_rate, n_steps=args.n_steps,
         batch_size=args.batch_size, n_epochs=args.n_epochs, gamma=args.gamma,
         gae_lambda=args.gae_lambda, ent_coef=args.ent_coef, seed=seed, device="cpu",
         policy_kwargs={"net_arch": [args.hidden, args.hidden]}, verbose=0,
@@ -364,8 +371,8 @@ def train_candidate(
     demo_env = make_env()
     demos = [heuristic_demonstration(demo_env, i) for i in range(len(inputs.train_windows))]
     warm_start = behaviour_clone(model, demos, args.bc_epochs, args.bc_learning_rate)
-    console.print(f"seed {seed}, quality weight {weights.quality:g}: behaviour cloning of the "
-                  f"heuristic: {warm_start}")
+    console.print(f"seed {seed}, quality weight {weights.quality:g}, learning rate "
+                  f"{learning_rate:g}: behaviour cloning of the heuristic: {warm_start}")
 
     log = EpisodeLog()
     model.learn(total_timesteps=args.timesteps, callback=log, progress_bar=True)
@@ -402,6 +409,7 @@ def train_candidate(
         "args": portable_args(args),
         "timesteps": model.num_timesteps,
         "seed": seed,
+        "learning_rate": learning_rate,
         "warm_start": warm_start,
         "train_seconds": round(train_s, 1),
         "episodes": len(log.rows),
@@ -414,7 +422,7 @@ def train_candidate(
         },
     }
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    return Candidate(seed, weights.quality, path, meta, log.rows)
+    return Candidate(seed, weights.quality, learning_rate, path, meta, log.rows)
 
 
 def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: Args) -> MorphEnv:
@@ -472,6 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         seeds = _numbers("--seeds", args.seeds, int)
         quality_weights = _numbers("--quality-weights", args.quality_weights, float)
+        learning_rates = _numbers("--learning-rates", args.learning_rates, float)
         inputs = load_inputs(args)
         out = output_path("--out", args.out)
     except UsageError as err:
@@ -484,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"{inputs.trace.name}: {len(inputs.train_windows)} training, "
                   f"{len(inputs.val_windows)} validation and {len(inputs.test_windows)} test "
                   f"windows, time scale {args.time_scale:g}; calibration: "
-                  f"{inputs.calibration.source}; seeds {seeds}, quality weights {quality_weights}")
+                  f"{inputs.calibration.source}; seeds {seeds}, quality weights {quality_weights}, "
+                  f"learning rates {learning_rates}")
     def weights_with(quality: float) -> RewardWeights:
         """The command line's reward weights with quality weight ``quality``."""
         return RewardWeights(slo=args.slo_weight, quality=quality,
@@ -500,20 +510,21 @@ def main(argv: list[str] | None = None) -> None:
                       f"violations {heuristic_val.violation_rate:.2%}, quality/token "
                       f"{heuristic_val.quality_per_token:.4f}")
         candidates = []
-        for quality_weight in quality_weights:
-            weights = weights_with(quality_weight)
-            for seed in seeds:
-                path = workdir / f"q{quality_weight:g}-seed{seed}.zip"
-                c = train_candidate(args, inputs, weights, seed, path, console)
-                c.val = rl_result(validation, path)
-                console.print(f"  validation reward {c.val.reward:.1f}, TTFT violations "
-                              f"{c.val.violation_rate:.2%}, TPOT violations "
-                              f"{c.val.tpot_violation_rate:.2%}, quality/token "
-                              f"{c.val.quality_per_token:.4f}")
-                candidates.append(c)
+        for quality_weight, learning_rate, seed in itertools.product(
+                quality_weights, learning_rates, seeds):
+            path = workdir / f"q{quality_weight:g}-lr{learning_rate:g}-seed{seed}.zip"
+            c = train_candidate(args, inputs, weights_with(quality_weight), learning_rate, seed,
+                                path, console)
+            c.val = rl_result(validation, path)
+            console.print(f"  validation reward {c.val.reward:.1f}, TTFT violations "
+                          f"{c.val.violation_rate:.2%}, TPOT violations "
+                          f"{c.val.tpot_violation_rate:.2%}, quality/token "
+                          f"{c.val.quality_per_token:.4f}")
+            candidates.append(c)
         chosen, why = choose_candidate([c.val for c in candidates], heuristic_val)
         best = candidates[chosen]
-        console.print(f"kept seed {best.seed}, quality weight {best.quality_weight:g}: {why}")
+        console.print(f"kept seed {best.seed}, quality weight {best.quality_weight:g}, learning "
+                      f"rate {best.learning_rate:g}: {why}")
         # 2. The test windows, once per candidate, after the choice.
         test = judged(inputs, inputs.test_windows, reference, args)
         for c in candidates:
@@ -525,11 +536,13 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     meta = {**best.meta, "seeds": seeds, "quality_weights": quality_weights,
+            "learning_rates": learning_rates,
             "selection": f"{why}; rewards under the reference weights {asdict(reference)}; "
             "test windows replayed only after the choice",
             "validation_heuristic": heuristic_val.as_dict(),
             "candidates": [c.summary() for c in candidates],
-            "selected": {"seed": best.seed, "quality_weight": best.quality_weight}}
+            "selected": {"seed": best.seed, "quality_weight": best.quality_weight,
+                         "learning_rate": best.learning_rate}}
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -537,14 +550,20 @@ def main(argv: list[str] | None = None) -> None:
     # the environment rebuilt from the metadata just written.
     results = evaluate_policies(env_from_metadata(meta), standard_policies(out))
     print_results(results, f"test windows ({len(inputs.test_windows)} x {args.window_s:g} s), "
-                  f"seed {best.seed}, quality weight {best.quality_weight:g}", console)
+                  f"seed {best.seed}, quality weight {best.quality_weight:g}, learning rate "
+                  f"{best.learning_rate:g}", console)
     table = Table(title="every candidate (chosen on validation; test replayed once)")
-    for column in ("seed", "quality weight", "val reward", "val TTFT viol.", "val TPOT viol.",
-                   "test reward", "test TTFT viol.", "test TPOT viol.", "test quality/token"):
+    for column in ("seed", "quality weight", "learning rate", "val reward", "val TTFT viol.",
+                   "val TPOT viol.", "val quality/token", "test reward", "test TTFT viol.",
+                   "test TPOT viol.", "test quality/token"):
         table.add_column(column)
+    table.add_row("heuristic", "", "", f"{heuristic_val.reward:.1f}",
+                  f"{heuristic_val.violation_rate:.2%}", f"{heuristic_val.tpot_violation_rate:.2%}",
+                  f"{heuristic_val.quality_per_token:.4f}", "", "", "", "")
     for c in candidates:
-        table.add_row(str(c.seed), f"{c.quality_weight:g}", f"{c.val.reward:.1f}",
-                      f"{c.val.violation_rate:.2%}", f"{c.val.tpot_violation_rate:.2%}",
+        table.add_row(str(c.seed), f"{c.quality_weight:g}", f"{c.learning_rate:g}",
+                      f"{c.val.reward:.1f}", f"{c.val.violation_rate:.2%}",
+                      f"{c.val.tpot_violation_rate:.2%}", f"{c.val.quality_per_token:.4f}",
                       f"{c.test.reward:.1f}", f"{c.test.violation_rate:.2%}",
                       f"{c.test.tpot_violation_rate:.2%}", f"{c.test.quality_per_token:.4f}")
     console.print(table)

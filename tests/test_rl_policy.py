@@ -338,7 +338,7 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "tiny.zip"
     train.main(["--trace", str(csv), "--timesteps", "256", "--out", str(out), "--n-envs", "2",
                 "--n-steps", "64", "--batch-size", "64", "--n-epochs", "1", "--window-s", "30",
-                "--seeds", "1,2", "--bc-epochs", "2"])
+                "--seeds", "1,2", "--learning-rates", "1e-4,3e-4", "--bc-epochs", "2"])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert meta["obs_version"] == OBS_VERSION and meta["timesteps"] >= 256
@@ -351,14 +351,18 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     assert meta["val_windows"] and meta["eval_windows"]
     assert train_end <= min(s for s, _ in meta["val_windows"])
     assert max(e for _, e in meta["val_windows"]) <= min(s for s, _ in meta["eval_windows"])
-    # One candidate per seed, each reported on validation and test; the kept one is the best
-    # on validation, and it is the checkpoint written.
-    assert [c["seed"] for c in meta["candidates"]] == [1, 2] and meta["seeds"] == [1, 2]
+    # One candidate per learning rate and seed, each reported on validation and test; the kept
+    # one is chosen on validation, and it is the checkpoint written.
+    assert [(c["learning_rate"], c["seed"]) for c in meta["candidates"]] == [
+        (1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)]
+    assert meta["seeds"] == [1, 2] and meta["learning_rates"] == [1e-4, 3e-4]
     assert all(c["validation"] and c["test"] for c in meta["candidates"])
     heuristic = _result(meta["validation_heuristic"])
     chosen, why = train.choose_candidate(
         [_result(c["validation"]) for c in meta["candidates"]], heuristic)
-    assert meta["selected"]["seed"] == meta["candidates"][chosen]["seed"] == meta["seed"]
+    kept = meta["candidates"][chosen]
+    assert meta["selected"]["seed"] == kept["seed"] == meta["seed"]
+    assert meta["selected"]["learning_rate"] == kept["learning_rate"] == meta["learning_rate"]
     assert meta["selection"].startswith(why)
     assert [r["policy"] for r in meta["eval"]] == ["rl", "heuristic", "always-0", "always-L"]
     RLPolicy.load(out)
