@@ -5,11 +5,11 @@ One step is one controller tick (``tick_s`` of served time). The observation is
 ``observation_vector`` of the backend's ``LoadSnapshot`` (the same features the runtime feeds a
 policy). Two action modes:
 
-- ``"delta"`` (default, used for training): ``MultiDiscrete([3, 3])`` (``RL_ACTION_NVEC``), a
-  layer delta over ``DELTA_ACTIONS`` = restore one layer / hold / quantize one more, and the KV
-  limit as an index into ``KV_FRACTIONS`` (``rl_action`` maps the pair to an ``Action``).
-  Holding is the same action in every state, so exploring does not mean churning; a burst takes
-  L ticks to reach all layers (0.25 s at the default 0.05-s tick, the runtime's default tick).
+- ``"delta"`` (default, used for training): ``MultiDiscrete([n + 2, 3])`` (``RLActions``), a
+  layer delta = restore one layer / hold / quantize 1..n more (n = 1 by default: a burst then
+  takes L ticks to reach all layers, 0.25 s at the default 0.05-s tick, the runtime's), and the
+  KV limit as an index into ``KV_FRACTIONS`` (``RLActions.action`` maps the pair to an
+  ``Action``). Holding is the same action in every state, so exploring does not mean churning.
 - ``"target"``: ``Discrete(L + 1)``, the absolute target of ``Policy.decide``, or a policy's
   ``Action`` (layers and KV fraction); used to evaluate any policy (the RL policy turns its
   action pair into an ``Action`` itself).
@@ -43,11 +43,11 @@ from envs.simulator import ReplicaConfig, Simulator
 from eval.traces import LengthMapping, Trace, load_trace, map_lengths, scale_time, select_window
 from rl_controller.observation import OBS_SIZE, LoadSnapshot, observation_vector
 from rl_controller.policy import (
-    RL_ACTION_NVEC,
+    RL_ACTIONS,
     Action,
+    RLActions,
     clip_action,
     clip_kv_fraction,
-    rl_action,
 )
 from rl_controller.stabilizer import RestoreStabilizer
 from sglang_morph.config import RESTORE_LOAD_DROP, RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
@@ -143,6 +143,7 @@ class MorphEnv(gym.Env):
         weights: RewardWeights | None = None,
         tick_s: float = 0.05,
         action_mode: str = "delta",
+        actions: RLActions = RL_ACTIONS,
         restore_window_s: float = RESTORE_WINDOW_S,
         restore_max_window_s: float = RESTORE_MAX_WINDOW_S,
         restore_load_drop: float = RESTORE_LOAD_DROP,
@@ -151,10 +152,10 @@ class MorphEnv(gym.Env):
         (default LengthMapping()) and ``time_scale``. ``windows`` default to all consecutive
         ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (starts a real server:
         ``envs.engine_backend``) or an object implementing ``ServingBackend``.
-        ``action_mode``: see the module docstring. ``restore_window_s``, ``restore_max_window_s``,
-        ``restore_load_drop``: the runtime's restore stabilization (``--morph-restore-window``,
-        ``--morph-restore-max-window``, ``--morph-restore-load-drop``), applied to every policy
-        here too."""
+        ``action_mode``, ``actions``: see the module docstring. ``restore_window_s``,
+        ``restore_max_window_s``, ``restore_load_drop``: the runtime's restore stabilization
+        (``--morph-restore-window``, ``--morph-restore-max-window``,
+        ``--morph-restore-load-drop``), applied to every policy here too."""
         if isinstance(trace, str):
             trace = prepare_trace(trace, length_mapping or LengthMapping(), time_scale)
         self.trace = trace
@@ -179,8 +180,9 @@ class MorphEnv(gym.Env):
         if action_mode not in ("delta", "target"):
             raise ValueError(f"unknown action_mode {action_mode!r}; accepted: delta, target")
         self.action_mode = action_mode
+        self.actions = actions
         self.action_space: gym.spaces.Space = (
-            gym.spaces.MultiDiscrete(RL_ACTION_NVEC) if action_mode == "delta"
+            gym.spaces.MultiDiscrete(actions.nvec) if action_mode == "delta"
             else gym.spaces.Discrete(layers + 1)
         )
         self.observation_space = gym.spaces.Box(0.0, 1.0, (OBS_SIZE,), np.float32)
@@ -254,7 +256,7 @@ class MorphEnv(gym.Env):
         if isinstance(action, Action):
             wanted = action
         elif self.action_mode == "delta":
-            wanted = rl_action(np.asarray(action).tolist(), snap.quantized_layers)
+            wanted = self.actions.action(np.asarray(action).tolist(), snap.quantized_layers)
         else:
             wanted = Action(int(np.asarray(action)))
         target, layers_clipped = clip_action(wanted.layers, snap)

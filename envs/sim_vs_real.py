@@ -29,7 +29,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from envs.calibration import load_replica
+from envs.calibration import IterationModel, load_calibration, load_replica
 from envs.episodes import env_from_metadata
 from envs.morph_env import MorphEnv, Window
 from envs.policies import make_policy
@@ -237,9 +237,12 @@ def parse_indices(text: str | None) -> list[int] | None:
             from err
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[dict, MorphEnv, list[int], list[str]]:
-    """The checkpoint's metadata, its simulator environment, the windows and the policies;
-    UsageError naming the option that cannot be used."""
+def load_inputs(
+    args: argparse.Namespace,
+) -> tuple[dict, MorphEnv, list[int], list[str], IterationModel | None]:
+    """The checkpoint's metadata, its simulator environment, the windows, the policies and the
+    engine timing given with ``--calibration`` (None: the checkpoint's); UsageError naming the
+    option that cannot be used."""
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
@@ -263,7 +266,9 @@ def load_inputs(args: argparse.Namespace) -> tuple[dict, MorphEnv, list[int], li
     if args.drain_s < 0:
         raise UsageError(f"--drain-s {args.drain_s:g}: expected 0 or more seconds")
     output_path("--out", args.out)
-    return meta, sim_env, choose_windows(sim_env, args.windows, indices), policies
+    timing = (read_input("--calibration", lambda: load_calibration(args.calibration))
+              if args.calibration else None)
+    return meta, sim_env, choose_windows(sim_env, args.windows, indices), policies, timing
 
 
 def collect(sim: dict[tuple[int, str], Replay],
@@ -326,11 +331,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine repetitions (the simulator is deterministic)")
     parser.add_argument("--drain-s", type=float, default=60.0,
                         help="longest simulated time to keep serving after a window")
+    parser.add_argument("--calibration", default=None,
+                        help="the simulator's engine timing from this calibration (envs.calibrate "
+                        "on the machine the engine runs on) instead of the checkpoint's, which "
+                        "describes the machine it was trained on; SLOs, budget and windows stay "
+                        "the checkpoint's")
     parser.add_argument("--out", default="runs/sim-vs-real.json",
                         help="JSON of every cell; the PNG goes beside it")
     args = parser.parse_args(argv)
     try:
-        meta, sim_env, indices, policies = load_inputs(args)
+        meta, sim_env, indices, policies, timing = load_inputs(args)
     except UsageError as err:
         exit_with(err)
     checkpoint = absolute(args.checkpoint)
@@ -344,11 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     console.print(f"{meta['trace']} test windows {indices} (time scale {meta['time_scale']:g}); "
                   f"policies {', '.join(policies)}; {args.reps} engine rep(s); SLO TTFT "
-                  f"{1e3 * replica.ttft_slo_s:.1f} ms, TPOT {1e3 * replica.tpot_slo_s:.1f} ms")
+                  f"{1e3 * replica.ttft_slo_s:.1f} ms, TPOT {1e3 * replica.tpot_slo_s:.1f} ms; "
+                  f"simulator timing {timing.source if timing else 'of the checkpoint'}")
 
     sim: dict[tuple[int, str], Replay] = {}
     for i, window in zip(indices, windows, strict=True):
-        env = env_from_metadata(meta, [window])
+        env = env_from_metadata(meta, [window], calibration=timing)
         for policy in policies:
             sim[i, policy] = simulate(env, policy, checkpoint, args.drain_s)
 
@@ -385,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     result.update(checkpoint=repo_relative(checkpoint), trace=meta["trace"],
                   time_scale=meta["time_scale"], reps=args.reps, policies=policies,
                   windows=[list(w) for w in windows], ttft_slo_s=replica.ttft_slo_s,
-                  tpot_slo_s=replica.tpot_slo_s)
+                  tpot_slo_s=replica.tpot_slo_s,
+                  calibration=repo_relative(args.calibration) if args.calibration
+                  else meta["args"]["calibration"])
     out.write_text(json.dumps(result, indent=2) + "\n")
     cells = result["cells"]
     png = out.with_suffix(".png")

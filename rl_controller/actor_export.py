@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rl_controller.observation import OBS_SIZE
-from rl_controller.policy import RL_ACTION_NVEC, RL_ACTION_SPACE
+from rl_controller.policy import KV_FRACTIONS, RLActions
 from rl_controller.rl_policy import (
     ACTIVATIONS,
     LOGIT_ATOL,
@@ -58,11 +58,11 @@ def export_actor(zip_path: str | Path) -> Path:
         policy = PPO.load(str(zip_path), device="cpu").policy
     except Exception as err:  # a corrupt zip fails in many ways (zipfile, torch, pickle)
         raise CheckpointError(f"cannot load checkpoint {zip_path}: {err}") from err
-    _check_action_space(policy, zip_path)
+    actions = _action_heads(policy, zip_path)
     layers = _actor_layers(policy, zip_path)
     probes = probe_observations()
     expected = _sb3_log_probs(policy, probes)
-    got = log_probs(np.stack([forward(layers, p) for p in probes]))
+    got = log_probs(np.stack([forward(layers, p) for p in probes]), actions.nvec)
     if not np.allclose(got, expected, atol=LOGIT_ATOL):
         worst = float(np.abs(got - expected).max())
         raise CheckpointError(
@@ -80,17 +80,21 @@ def export_actor(zip_path: str | Path) -> Path:
     return out
 
 
-def _check_action_space(policy, zip_path: Path) -> None:
-    """Refuse a checkpoint trained for another action space (e.g. the earlier ``Discrete(3)``
-    layer delta alone): its actor's outputs would be read as the wrong heads."""
+def _action_heads(policy, zip_path: Path) -> RLActions:
+    """The heads the checkpoint was trained with; CheckpointError for a space this code cannot
+    read as a layer delta and a KV fraction (e.g. the earlier ``Discrete(3)`` layer delta
+    alone): its actor's outputs would be read as the wrong heads."""
     from gymnasium.spaces import MultiDiscrete
 
     space = policy.action_space
-    if not isinstance(space, MultiDiscrete) or tuple(space.nvec.tolist()) != RL_ACTION_NVEC:
+    nvec = tuple(space.nvec.tolist()) if isinstance(space, MultiDiscrete) else ()
+    if len(nvec) != 2 or nvec[0] < 3 or nvec[1] != len(KV_FRACTIONS):
         raise CheckpointError(
             f"checkpoint {zip_path} was trained with action space {space}; this code expects "
-            f"{RL_ACTION_SPACE}: retrain it"
+            f"MultiDiscrete([n, {len(KV_FRACTIONS)}]): layer deltas -1..n-2, KV fractions "
+            f"{list(KV_FRACTIONS)}: retrain it"
         )
+    return RLActions.up_to(nvec[0] - 2)
 
 
 def _actor_layers(policy, zip_path: Path) -> list[Layer]:

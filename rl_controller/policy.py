@@ -37,30 +37,64 @@ class Action:
     kv_fraction: float = 1.0
 
 
-RL_ACTION_NVEC: tuple[int, ...] = (len(DELTA_ACTIONS), len(KV_FRACTIONS))
-"""The RL action, a ``MultiDiscrete`` of two heads: an index into ``DELTA_ACTIONS`` (relative
-to the current depth) and an index into ``KV_FRACTIONS`` (absolute: a limit is a level to be
-at, not a direction, and the full budget is one action in every state)."""
+@dataclass(frozen=True)
+class RLActions:
+    """What the RL policy's two heads mean: a ``MultiDiscrete`` of an index into ``deltas``
+    (layer change, relative to the current depth) and an index into ``kv_fractions`` (absolute:
+    a limit is a level to be at, not a direction, and the full budget is one action in every
+    state). Checkpoints record it and are run with the one they were trained with.
 
-RL_ACTION_SPACE: str = f"MultiDiscrete({list(RL_ACTION_NVEC)})"
-"""``RL_ACTION_NVEC`` as checkpoints record it (a checkpoint of another space is refused)."""
+    ``deltas`` restore at most one layer per tick (restores are what the stabilizer rations)
+    and quantize up to ``max(deltas)``: with one, a burst takes L ticks to reach L layers,
+    where the heuristic jumps to the depth the whole queue needs in one tick.
+    """
+
+    deltas: tuple[int, ...] = DELTA_ACTIONS
+    kv_fractions: tuple[float, ...] = KV_FRACTIONS
+
+    def __post_init__(self) -> None:
+        top = max(self.deltas, default=0)
+        if top < 1 or self.deltas != tuple(range(-1, top + 1)):
+            raise ValueError(f"layer deltas {list(self.deltas)}: accepted are -1, 0, 1, ..., n "
+                             "for some n >= 1 (restore one, hold, quantize up to n)")
+
+    @classmethod
+    def up_to(cls, max_step: int) -> RLActions:
+        """Deltas -1..``max_step``: restore one, hold, or quantize 1..``max_step`` layers."""
+        return cls(tuple(range(-1, max_step + 1)))
+
+    @property
+    def max_step(self) -> int:
+        return self.deltas[-1]
+
+    @property
+    def nvec(self) -> tuple[int, ...]:
+        return (len(self.deltas), len(self.kv_fractions))
+
+    @property
+    def space(self) -> str:
+        """The action space as checkpoints record it, e.g. ``MultiDiscrete([3, 3])``."""
+        return f"MultiDiscrete({list(self.nvec)})"
+
+    def action(self, indices: Sequence[int], quantized_layers: int) -> Action:
+        """The ``Action`` an RL action (indices into the two heads) means at
+        ``quantized_layers``: the one mapping the environment, the RL policy and behaviour
+        cloning share. The layer target may fall outside ``[0, num_layers]``;
+        ``clip_action`` (or the caller) bounds it."""
+        delta, fraction = (int(i) for i in indices)
+        return Action(quantized_layers + self.deltas[delta], self.kv_fractions[fraction])
+
+    def indices(self, action: Action, quantized_layers: int) -> tuple[int, int]:
+        """The RL action nearest ``action`` (what behaviour cloning imitates): as far toward
+        its target as one tick's deltas go, and the closest KV fraction."""
+        step = min(max(action.layers - quantized_layers, self.deltas[0]), self.max_step)
+        nearest = min(range(len(self.kv_fractions)),
+                      key=lambda i: abs(self.kv_fractions[i] - action.kv_fraction))
+        return self.deltas.index(step), nearest
 
 
-def rl_action(indices: Sequence[int], quantized_layers: int) -> Action:
-    """The ``Action`` an RL action (``RL_ACTION_NVEC`` indices) means at ``quantized_layers``:
-    the one mapping the environment, the RL policy and behaviour cloning share. The layer
-    target may fall outside ``[0, num_layers]``; ``clip_action`` (or the caller) bounds it."""
-    delta, fraction = (int(i) for i in indices)
-    return Action(quantized_layers + DELTA_ACTIONS[delta], KV_FRACTIONS[fraction])
-
-
-def rl_indices(action: Action, quantized_layers: int) -> tuple[int, int]:
-    """The RL action nearest ``action`` (what behaviour cloning imitates): one layer toward its
-    target, since the delta head moves one layer per tick, and the closest KV fraction."""
-    step = (action.layers > quantized_layers) - (action.layers < quantized_layers)
-    nearest = min(range(len(KV_FRACTIONS)),
-                  key=lambda i: abs(KV_FRACTIONS[i] - action.kv_fraction))
-    return DELTA_ACTIONS.index(step), nearest
+RL_ACTIONS = RLActions()
+"""The default heads: deltas -1/0/+1 and ``KV_FRACTIONS`` (``MultiDiscrete([3, 3])``)."""
 
 
 def target_layers(answer: int | Action) -> int:

@@ -20,14 +20,7 @@ import numpy as np
 from rl_controller.controller import Controller
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import OBS_SIZE, OBS_VERSION, LoadSnapshot, observation_vector
-from rl_controller.policy import (
-    DELTA_ACTIONS,
-    KV_FRACTIONS,
-    RL_ACTION_NVEC,
-    RL_ACTION_SPACE,
-    Action,
-    rl_action,
-)
+from rl_controller.policy import RL_ACTIONS, Action, RLActions
 
 ACTIVATIONS = {"Tanh": np.tanh, "ReLU": lambda x: np.maximum(x, 0.0)}
 """Activations the numpy actor implements, by the name of SB3's torch module."""
@@ -63,11 +56,28 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def action_metadata() -> dict:
-    """How checkpoints record the action this code maps (training writes it, loading checks it):
-    a checkpoint whose heads mean other deltas or fractions must not run."""
-    return {"action_mode": "delta", "action_space": RL_ACTION_SPACE,
-            "delta_actions": list(DELTA_ACTIONS), "kv_fractions": list(KV_FRACTIONS)}
+def action_metadata(actions: RLActions = RL_ACTIONS) -> dict:
+    """How checkpoints record the action heads (training writes it, loading reads it back):
+    the actor's outputs are run with exactly the deltas and fractions they were trained for."""
+    return {"action_mode": "delta", "action_space": actions.space,
+            "delta_actions": list(actions.deltas), "kv_fractions": list(actions.kv_fractions)}
+
+
+def recorded_actions(meta: dict, path: Path) -> RLActions:
+    """The action heads a checkpoint's metadata records; CheckpointError when this code cannot
+    run them (another KV head, deltas not of the form -1..n, an inconsistent record)."""
+    try:
+        actions = RLActions(tuple(int(d) for d in meta.get("delta_actions") or ()))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint metadata {path}: {err}; retrain it") from err
+    recorded = {key: meta.get(key) for key in action_metadata()}
+    if recorded != action_metadata(actions):
+        raise CheckpointError(
+            f"checkpoint metadata {path} says actions {recorded}; this code runs layer deltas "
+            f"-1..n and KV fractions {list(RL_ACTIONS.kv_fractions)} (e.g. "
+            f"{action_metadata()}): retrain it"
+        )
+    return actions
 
 
 def read_metadata(checkpoint: str | Path) -> dict:
@@ -93,13 +103,7 @@ def read_metadata(checkpoint: str | Path) -> dict:
             f"(size {meta.get('obs_size')}); this code builds version {OBS_VERSION} "
             f"(size {OBS_SIZE}): retrain it"
         )
-    expected = action_metadata()
-    recorded = {key: meta.get(key) for key in expected}
-    if recorded != expected:
-        raise CheckpointError(
-            f"checkpoint metadata {path} says actions {recorded}; this code expects "
-            f"{expected}: retrain it"
-        )
+    recorded_actions(meta, path)
     return meta
 
 
@@ -113,32 +117,26 @@ def forward(layers: list[Layer], obs: np.ndarray) -> np.ndarray:
     return x
 
 
-_HEAD_SLICES = tuple(
-    slice(end - n, end) for n, end in zip(RL_ACTION_NVEC, np.cumsum(RL_ACTION_NVEC).tolist())
-)
-"""Where each head's logits lie in the actor's output (computed once: a decision runs every
-tick, and ``np.split`` alone would cost about as much as the network)."""
+def head_slices(nvec: tuple[int, ...]) -> tuple[slice, ...]:
+    """Where each head's logits lie in the actor's output (layer delta, then KV fraction), as
+    SB3's MultiDiscrete distribution splits it. A policy computes them once: a decision runs
+    every tick, and ``np.split`` alone would cost about as much as the network."""
+    return tuple(slice(end - n, end) for n, end in zip(nvec, np.cumsum(nvec).tolist()))
 
 
-def action_heads(logits: np.ndarray) -> list[np.ndarray]:
-    """The actor's output split into its heads' logits (``RL_ACTION_NVEC``: layer delta, then
-    KV fraction), as SB3's MultiDiscrete distribution splits it (last axis)."""
-    return [logits[..., span] for span in _HEAD_SLICES]
-
-
-def log_probs(logits: np.ndarray) -> np.ndarray:
-    """Logits normalised per head, as SB3's MultiDiscrete distribution reports them (each
-    head a categorical), concatenated."""
+def log_probs(logits: np.ndarray, nvec: tuple[int, ...]) -> np.ndarray:
+    """Logits normalised per head (sizes ``nvec``), as SB3's MultiDiscrete distribution reports
+    them (each head a categorical), concatenated along the last axis."""
     normalised = []
-    for head in action_heads(logits):
+    for head in (logits[..., span] for span in head_slices(nvec)):
         top = head.max(axis=-1, keepdims=True)
         normalised.append(head - top - np.log(np.sum(np.exp(head - top), axis=-1, keepdims=True)))
     return np.concatenate(normalised, axis=-1)
 
 
 class RLPolicy:
-    """Greedy (argmax per head) decisions of a PPO actor network over ``DELTA_ACTIONS`` and
-    ``KV_FRACTIONS``, in numpy.
+    """Greedy (argmax per head) decisions of a PPO actor network over the layer deltas and KV
+    fractions it was trained with (``RLActions``, from its metadata), in numpy.
 
     The observation holds fractions and the action is a delta and a fraction, so nothing here
     depends on the model's layer count or KV size: a policy trained on one model runs on
@@ -152,6 +150,8 @@ class RLPolicy:
         self.layers = layers
         self.meta = meta
         self.path = path
+        self.actions = recorded_actions(meta, Path(path or "metadata"))
+        self._heads = head_slices(self.actions.nvec)
 
     @classmethod
     def load(cls, checkpoint: str | Path) -> RLPolicy:
@@ -161,6 +161,7 @@ class RLPolicy:
         if not checkpoint.is_file():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist")
         meta = read_metadata(checkpoint)
+        nvec = recorded_actions(meta, metadata_path(checkpoint)).nvec
         actor = actor_path(checkpoint)
         if not actor.is_file():
             raise CheckpointError(
@@ -172,13 +173,13 @@ class RLPolicy:
                 arrays = {k: data[k] for k in data.files}
         except Exception as err:  # a damaged npz fails in many ways (zipfile, format, OS)
             raise CheckpointError(f"cannot read actor file {actor}: {err}") from err
-        layers = _layers_from_arrays(arrays, actor)
+        layers = _layers_from_arrays(arrays, actor, nvec)
         if str(arrays["checkpoint_sha256"]) != file_sha256(checkpoint):
             raise CheckpointError(
                 f"actor file {actor} was exported from another version of {checkpoint}: "
                 f"export it again with `python -m rl_controller.actor_export {checkpoint}`"
             )
-        got = log_probs(np.stack([forward(layers, p) for p in arrays["probes"]]))
+        got = log_probs(np.stack([forward(layers, p) for p in arrays["probes"]]), nvec)
         if not np.allclose(got, arrays["probe_log_probs"], atol=LOGIT_ATOL):
             raise CheckpointError(
                 f"actor file {actor}: its network does not reproduce the log-probabilities "
@@ -197,8 +198,8 @@ class RLPolicy:
         logits = self.logits(observation_vector(snap))
         if not np.all(np.isfinite(logits)):
             raise PolicyOutputError(f"non-finite policy output {logits.tolist()}")
-        action = rl_action([int(np.argmax(h)) for h in action_heads(logits)],
-                           snap.quantized_layers)
+        action = self.actions.action([int(np.argmax(logits[span])) for span in self._heads],
+                                     snap.quantized_layers)
         return Action(min(max(action.layers, 0), snap.num_layers), action.kv_fraction)
 
 
@@ -212,9 +213,11 @@ def arrays_from_layers(layers: list[Layer]) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _layers_from_arrays(arrays: dict[str, np.ndarray], actor: Path) -> list[Layer]:
+def _layers_from_arrays(
+    arrays: dict[str, np.ndarray], actor: Path, nvec: tuple[int, ...]
+) -> list[Layer]:
     """The actor's layers, checked to map OBS_SIZE features to one logit per action of each
-    head (``RL_ACTION_NVEC``)."""
+    head (``nvec``, from the checkpoint's metadata)."""
     expected = ("activations", "checkpoint_sha256", "probes", "probe_log_probs")
     missing = [k for k in expected if k not in arrays]
     if missing:
@@ -236,11 +239,11 @@ def _layers_from_arrays(arrays: dict[str, np.ndarray], actor: Path) -> list[Laye
             )
         layers.append((weight, bias, name or None))
         width = weight.shape[0]
-    if not layers or width != sum(RL_ACTION_NVEC):
+    if not layers or width != sum(nvec):
         raise CheckpointError(
-            f"actor file {actor} has {width if layers else 0} action logits; this code expects "
-            f"{sum(RL_ACTION_NVEC)} ({RL_ACTION_SPACE}: deltas {DELTA_ACTIONS}, KV fractions "
-            f"{KV_FRACTIONS}): retrain it"
+            f"actor file {actor} has {width if layers else 0} action logits; its metadata "
+            f"records MultiDiscrete({list(nvec)}), which needs {sum(nvec)}: export it again "
+            "from its checkpoint, or retrain it"
         )
     return layers
 

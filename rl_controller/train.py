@@ -53,7 +53,7 @@ from eval.traces import LengthMapping, Trace
 from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import FEATURES, OBS_SIZE, OBS_VERSION
-from rl_controller.policy import DELTA_ACTIONS, KV_FRACTIONS, rl_indices
+from rl_controller.policy import KV_FRACTIONS, RLActions
 from rl_controller.rl_policy import RLPolicy, action_metadata
 from sglang_morph.cli import (
     UsageError,
@@ -127,6 +127,9 @@ class Args:
     quality_weights: str = _arg(str(RewardWeights.quality), "comma-separated costs of a token "
                                 "at quality delta 1: one candidate each (per seed)")
     transition_weight: float = _arg(RewardWeights.transition, "cost of one layer swap")
+    max_step: int = _arg(1, "most layers the policy may quantize in one tick (its layer head: "
+                         "restore one, hold, quantize 1..N); restores stay one at a time",
+                         positive_int)
     learning_rates: str = _arg("1e-4", "comma-separated Adam step sizes of PPO: one candidate "
                                "each (per seed and quality weight); small ones refine the cloned "
                                "heuristic, larger ones may leave it")
@@ -174,14 +177,14 @@ class EpisodeLog(BaseCallback):
 
 
 def heuristic_demonstration(env: MorphEnv, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """Observations and RL actions (rows of indices into DELTA_ACTIONS and KV_FRACTIONS) of the
-    heuristic on a window, moving one layer per tick toward its target as the delta head
-    allows, at the KV limit it chose."""
+    """Observations and RL actions (rows of indices into the env's layer deltas and KV
+    fractions) of the heuristic on a window, moving toward its target as far as the delta head
+    allows in one tick, at the KV limit it chose."""
     obs, _ = env.reset(options={"window": window})
     policy, observations, actions, done = HeuristicPolicy(), [], [], False
     while not done:
         assert env.snapshot is not None
-        action = rl_indices(policy.decide(env.snapshot), env.snapshot.quantized_layers)
+        action = env.actions.indices(policy.decide(env.snapshot), env.snapshot.quantized_layers)
         observations.append(obs)
         actions.append(action)
         obs, _, terminated, truncated, _ = env.step(action)
@@ -199,7 +202,8 @@ def _agreement(cloned: torch.Tensor, demonstrated: torch.Tensor) -> float | None
 
 
 def behaviour_clone(
-    model: PPO, demos: list[tuple[np.ndarray, np.ndarray]], epochs: int, learning_rate: float
+    model: PPO, demos: list[tuple[np.ndarray, np.ndarray]], epochs: int, learning_rate: float,
+    actions: RLActions,
 ) -> dict:
     """Fit the policy's action distribution to the demonstrated actions (negative
     log-likelihood of both heads together: the sum of their cross-entropies), and report how
@@ -219,7 +223,7 @@ def behaviour_clone(
     with torch.no_grad():
         cloned = model.policy.get_distribution(demo_obs).mode()
     layers, kv = demo_actions[:, 0], demo_actions[:, 1]
-    moves = layers != DELTA_ACTIONS.index(0)
+    moves = layers != actions.deltas.index(0)
     limited = kv != KV_FRACTIONS.index(1.0)
     return {
         "bc_epochs": epochs,
@@ -346,10 +350,12 @@ def train_candidate(
     the checkpoint, its actor and its metadata at ``path`` (so that ``RLPolicy.load`` can run
     it)."""
     trace, calibration, replica = inputs.trace, inputs.calibration, inputs.replica
+    actions = RLActions.up_to(args.max_step)
 
     def make_env() -> MorphEnv:
         return MorphEnv(trace, inputs.train_windows, calibration=calibration, replica=replica,
                         quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
+                        actions=actions,
                         restore_window_s=args.restore_window,
                         restore_max_window_s=args.restore_max_window,
                         restore_load_drop=args.restore_load_drop)
@@ -363,14 +369,14 @@ def train_candidate(
         gae_lambda=args.gae_lambda, ent_coef=args.ent_coef, seed=seed, device="cpu",
         policy_kwargs={"net_arch": [args.hidden, args.hidden]}, verbose=0,
     )
-    # Warm start: clone the heuristic (one layer per tick toward its target, at its KV limit:
-    # both heads) before PPO. From a
-    # random policy, PPO settles on a constant layer count (every exploratory move pays a swap
-    # and the benefit shows up only later); from the heuristic it refines timing instead.
+    # Warm start: clone the heuristic (toward its target as far as one tick goes, at its KV
+    # limit: both heads) before PPO. From a random policy, PPO settles on a constant layer
+    # count (every exploratory move pays a swap and the benefit shows up only later); from the
+    # heuristic it refines timing instead.
     start = time.time()
     demo_env = make_env()
     demos = [heuristic_demonstration(demo_env, i) for i in range(len(inputs.train_windows))]
-    warm_start = behaviour_clone(model, demos, args.bc_epochs, args.bc_learning_rate)
+    warm_start = behaviour_clone(model, demos, args.bc_epochs, args.bc_learning_rate, actions)
     console.print(f"seed {seed}, quality weight {weights.quality:g}, learning rate "
                   f"{learning_rate:g}: behaviour cloning of the heuristic: {warm_start}")
 
@@ -383,7 +389,7 @@ def train_candidate(
         "obs_version": OBS_VERSION,
         "obs_size": OBS_SIZE,
         "features": list(FEATURES),
-        **action_metadata(),
+        **action_metadata(actions),
         "num_layers": replica.num_layers,
         "trace": args.trace,
         "time_scale": args.time_scale,

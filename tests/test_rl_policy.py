@@ -26,20 +26,19 @@ from rl_controller.observation import OBS_SIZE, OBS_VERSION, LoadSnapshot, obser
 from rl_controller.policy import (
     DELTA_ACTIONS,
     KV_FRACTIONS,
-    RL_ACTION_SPACE,
+    RL_ACTIONS,
     Action,
-    rl_action,
-    rl_indices,
+    RLActions,
     target_layers,
 )
 from rl_controller.rl_policy import (
     CheckpointError,
     FallbackPolicy,
     RLPolicy,
-    action_heads,
     action_metadata,
     actor_path,
     arrays_from_layers,
+    head_slices,
 )
 
 
@@ -68,21 +67,24 @@ def write_metadata(zip_path: Path, **overrides) -> None:
     zip_path.with_suffix(".json").write_text(json.dumps(meta))
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PPO policy after 128 steps (in pytest's temporary directory): untrained, but a real
-    checkpoint in the real format (MultiDiscrete action), with its metadata and exported
-    actor."""
+def tiny_checkpoint(path: Path, actions: RLActions = RL_ACTIONS) -> Path:
+    """A PPO policy after 128 steps at ``path``: untrained, but a real checkpoint in the real
+    format (MultiDiscrete action of ``actions``), with its metadata and exported actor."""
     torch.set_num_threads(1)
-    env = MorphEnv(trace(), [(0.0, 15.0)])
+    env = MorphEnv(trace(), [(0.0, 15.0)], actions=actions)
     model = PPO("MlpPolicy", env, n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu",
                 policy_kwargs={"net_arch": [16, 16]})
     model.learn(total_timesteps=128)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.zip"
     model.save(path)
-    write_metadata(path)
-    assert export_actor(path) == actor_path(path) == path.with_name("tiny.actor.npz")
+    write_metadata(path, **action_metadata(actions))
+    assert export_actor(path) == actor_path(path) == path.with_suffix(".actor.npz")
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default heads' tiny checkpoint, in pytest's temporary directory."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.zip")
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:
@@ -105,22 +107,54 @@ def test_load_and_decide_match_sb3(checkpoint: Path) -> None:
     # answers alike for the few snapshots above).
     observations = np.random.default_rng(1).random((200, OBS_SIZE)).astype(np.float32)
     predicted, _ = model.predict(observations, deterministic=True)
-    heads = [[int(np.argmax(h)) for h in action_heads(rl.logits(o))] for o in observations]
+    spans = head_slices(rl.actions.nvec)
+    heads = [[int(np.argmax(rl.logits(o)[span])) for span in spans] for o in observations]
     assert heads == predicted.tolist()
     assert len({tuple(h) for h in heads}) > 1
 
 
 def test_rl_action_and_its_nearest_indices() -> None:
-    assert rl_action((0, 0), 3) == Action(2, 0.5)
-    assert rl_action((2, 2), 3) == Action(4, 1.0)
-    assert rl_indices(Action(5, 0.75), 3) == (2, 1)  # one layer toward 5
-    assert rl_indices(Action(0, 0.6), 3) == (0, 0)  # nearest fraction 0.5
-    assert rl_indices(Action(3, 1.0), 3) == (1, 2)
-    for k in range(6):
-        for fraction in KV_FRACTIONS:
-            for delta in DELTA_ACTIONS:
-                action = Action(k + delta, fraction)
-                assert rl_action(rl_indices(action, k), k) == action
+    assert RL_ACTIONS.space == "MultiDiscrete([3, 3])" and RL_ACTIONS.deltas == DELTA_ACTIONS
+    assert RL_ACTIONS.action((0, 0), 3) == Action(2, 0.5)
+    assert RL_ACTIONS.action((2, 2), 3) == Action(4, 1.0)
+    assert RL_ACTIONS.indices(Action(5, 0.75), 3) == (2, 1)  # one layer toward 5
+    assert RL_ACTIONS.indices(Action(0, 0.6), 3) == (0, 0)  # nearest fraction 0.5
+    assert RL_ACTIONS.indices(Action(3, 1.0), 3) == (1, 2)
+    wide = RLActions.up_to(3)  # restore one, hold, quantize 1-3
+    assert wide.deltas == (-1, 0, 1, 2, 3) and wide.space == "MultiDiscrete([5, 3])"
+    assert wide.indices(Action(5, 1.0), 0) == (4, 2)  # three layers toward 5 in one tick
+    assert wide.indices(Action(0, 1.0), 3) == (0, 2)  # restores still one at a time
+    for actions in (RL_ACTIONS, wide):
+        for k in range(6):
+            for fraction in KV_FRACTIONS:
+                for delta in actions.deltas:
+                    action = Action(k + delta, fraction)
+                    assert actions.action(actions.indices(action, k), k) == action
+
+
+@pytest.mark.parametrize("deltas", [(0, 1), (-1, 0), (-1, 1), (-2, -1, 0, 1), (-1, 0, 2)])
+def test_layer_heads_other_than_restore_one_hold_quantize_n_are_refused(deltas) -> None:
+    with pytest.raises(ValueError, match="accepted are -1, 0, 1, ..., n"):
+        RLActions(deltas)
+
+
+def test_a_wider_layer_head_is_trained_exported_and_run_as_recorded(tmp_path: Path) -> None:
+    """A checkpoint of deltas -1..2 carries them in its metadata and runs with them: one tick
+    can quantize two layers; metadata that names other deltas than its actor has is refused."""
+    wide = RLActions.up_to(2)
+    path = tiny_checkpoint(tmp_path / "wide.zip", wide)
+    rl = RLPolicy.load(path)
+    assert rl.actions == wide and rl.meta["action_space"] == "MultiDiscrete([4, 3])"
+    model = PPO.load(path, device="cpu")
+    observations = np.random.default_rng(2).random((300, OBS_SIZE)).astype(np.float32)
+    predicted, _ = model.predict(observations, deterministic=True)
+    spans = head_slices(wide.nvec)
+    assert [[int(np.argmax(rl.logits(o)[s])) for s in spans] for o in observations] == \
+        predicted.tolist()
+    write_metadata(path, **action_metadata(RL_ACTIONS))  # says 3 deltas; the actor has 4
+    with pytest.raises(CheckpointError, match="has 7 action logits; its metadata records "
+                       r"MultiDiscrete\(\[3, 3\]\), which needs 6"):
+        RLPolicy.load(path)
 
 
 def test_export_refuses_a_corrupt_checkpoint(tmp_path: Path) -> None:
@@ -166,7 +200,7 @@ def test_actor_with_other_actions_is_refused(
               (np.ones((outputs, 8)), np.zeros(outputs), None)]
     np.savez(actor_path(path), **arrays_from_layers(layers), probes=np.zeros((1, OBS_SIZE)),
              probe_log_probs=np.zeros((1, outputs)), checkpoint_sha256=np.array(""))
-    expected = f"has {outputs} action logits; this code expects 6 ({RL_ACTION_SPACE}"
+    expected = f"has {outputs} action logits; its metadata records MultiDiscrete([3, 3])"
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         RLPolicy.load(path)
 
@@ -189,7 +223,7 @@ def test_export_refuses_a_checkpoint_of_the_old_action_space(tmp_path: Path) -> 
     PPO("MlpPolicy", LayerDeltaOnly(), n_steps=64, batch_size=64, device="cpu",
         policy_kwargs={"net_arch": [8]}).save(path)
     write_metadata(path)
-    expected = "action space Discrete(3); this code expects MultiDiscrete([3, 3])"
+    expected = "action space Discrete(3); this code expects MultiDiscrete([n, 3])"
     with pytest.raises(CheckpointError, match=re.escape(expected)):
         export_actor(path)
 
@@ -199,7 +233,8 @@ def test_export_refuses_a_checkpoint_of_the_old_action_space(tmp_path: Path) -> 
     [{"obs_version": OBS_VERSION + 1}, {"obs_size": OBS_SIZE - 1}, {"action_mode": "target"},
      {"obs_version": 1, "obs_size": 15},  # the observation before the KV-limit features
      {"action_space": "Discrete(3): change of the int4 layer count by [-1, 0, 1]"},
-     {"kv_fractions": [0.25, 0.5, 1.0]}],
+     {"kv_fractions": [0.25, 0.5, 1.0]}, {"delta_actions": [-1, 0, 2]},
+     {"delta_actions": [-1, 0, 1, 2]}],  # deltas that disagree with the recorded space
 )
 def test_incompatible_metadata_raises(tmp_path: Path, checkpoint: Path, overrides: dict) -> None:
     path = copy_checkpoint(checkpoint, tmp_path / "other.zip")
@@ -338,12 +373,14 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "tiny.zip"
     train.main(["--trace", str(csv), "--timesteps", "256", "--out", str(out), "--n-envs", "2",
                 "--n-steps", "64", "--batch-size", "64", "--n-epochs", "1", "--window-s", "30",
-                "--seeds", "1,2", "--learning-rates", "1e-4,3e-4", "--bc-epochs", "2"])
+                "--seeds", "1,2", "--learning-rates", "1e-4,3e-4", "--bc-epochs", "2",
+                "--max-step", "2"])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     assert meta["obs_version"] == OBS_VERSION and meta["timesteps"] >= 256
-    assert {k: meta[k] for k in action_metadata()} == action_metadata()
-    assert meta["action_space"] == "MultiDiscrete([3, 3])"
+    # A layer head that quantizes up to two layers per tick, recorded as trained.
+    assert {k: meta[k] for k in action_metadata()} == action_metadata(RLActions.up_to(2))
+    assert meta["action_space"] == "MultiDiscrete([4, 3])"
     warm = meta["warm_start"]
     assert warm["demonstration_ticks"] > 0 and 0 <= warm["kv_agreement"] <= 1
     # Split by time: train < validation < test, none empty.

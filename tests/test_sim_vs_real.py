@@ -58,6 +58,7 @@ def test_engine_replays_that_did_not_measure_the_policy_are_named(
     (["--policies", "fp,int8"], "--policies fp,int8: accepted: fp, static-int4"),
     (["--window-index", "1,x"], "--window-index 1,x: expected comma-separated"),
     (["--windows", "500"], "--windows 500: the checkpoint has"),
+    (["--calibration", "/nonexistent/calibration.json"], "--calibration"),
 ])
 def test_bad_options_exit_2_naming_the_option(
     argv: list[str], message: str, capsys: pytest.CaptureFixture
@@ -66,3 +67,26 @@ def test_bad_options_exit_2_naming_the_option(
         svr.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_simulator_can_take_the_timing_of_the_machine_compared_on(tmp_path) -> None:
+    """``--calibration`` replaces only the simulator's engine timing: a checkpoint's
+    calibration describes the machine it was trained on, not the one its engine replays run
+    on."""
+    import argparse
+    import json
+
+    from envs.calibration import load_calibration
+    from sglang_morph.paths import DEFAULT_CALIBRATION
+
+    data = json.loads(DEFAULT_CALIBRATION.read_text())
+    data["model"]["base_s"] /= 2  # a machine twice as fast at the fixed cost
+    faster = tmp_path / "faster.json"
+    faster.write_text(json.dumps(data))
+    args = argparse.Namespace(checkpoint=str(svr.DEFAULT_CHECKPOINT), policies="fp",
+                              window_index=None, windows=1, drain_s=60.0,
+                              out=str(tmp_path / "o.json"), calibration=str(faster))
+    meta, _, _, _, timing = svr.load_inputs(args)
+    assert timing == load_calibration(faster)
+    assert timing.base_s == pytest.approx(load_calibration(DEFAULT_CALIBRATION).base_s / 2)
+    assert svr.load_inputs(argparse.Namespace(**{**vars(args), "calibration": None}))[4] is None
