@@ -43,10 +43,11 @@ VOCAB = np.arange(3, 512, dtype=np.int64)
 WINDOW = (1008.0, 1022.0)
 """The last 14 s of the Mooncake trace: 53 requests, most sharing leading blocks with an
 earlier one (the trace's sharing grows towards its end)."""
-MAPPING = LengthMapping(input_div=32, input_max=128, output_min=24, output_max=32)
+MAPPING = LengthMapping(input_div=32, input_max=128, output_min=48, output_max=64)
 """Blocks of 16 tokens, prompts of at most 8 blocks, outputs long enough that requests with the
-same first block overlap in time on a quiet machine too (the cache-hit test needs some), short
-enough that a loaded 2-core machine serves the slice in real time."""
+same first block overlap in time on a quiet, fast machine too (the cache-hit test needs some:
+with 24-32 output tokens a machine twice as fast as the first one left only 2 overlaps, with
+48-64 it had 5), short enough that a loaded 2-core machine serves the slice in real time."""
 LAYERS = [0, 1, 2, 3, 4]
 FP_SEGMENT = 24
 """Requests that complete before the first swap: the full-precision segment compared with the
