@@ -145,13 +145,16 @@ class RLPolicy:
 
     name = "rl"
 
-    def __init__(self, layers: list[Layer], meta: dict, path: str | None = None) -> None:
-        """``layers``: the actor, input to logits; ``path``: the checkpoint it came from."""
+    def __init__(
+        self, layers: list[Layer], meta: dict, actions: RLActions, path: str | None = None
+    ) -> None:
+        """``layers``: the actor, input to logits; ``actions``: the heads its metadata records;
+        ``path``: the checkpoint it came from."""
         self.layers = layers
         self.meta = meta
         self.path = path
-        self.actions = recorded_actions(meta, Path(path or "metadata"))
-        self._heads = head_slices(self.actions.nvec)
+        self.actions = actions
+        self._heads = head_slices(actions.nvec)
 
     @classmethod
     def load(cls, checkpoint: str | Path) -> RLPolicy:
@@ -161,7 +164,8 @@ class RLPolicy:
         if not checkpoint.is_file():
             raise CheckpointError(f"checkpoint {checkpoint} does not exist")
         meta = read_metadata(checkpoint)
-        nvec = recorded_actions(meta, metadata_path(checkpoint)).nvec
+        actions = recorded_actions(meta, metadata_path(checkpoint))
+        nvec = actions.nvec
         actor = actor_path(checkpoint)
         if not actor.is_file():
             raise CheckpointError(
@@ -185,7 +189,7 @@ class RLPolicy:
                 f"actor file {actor}: its network does not reproduce the log-probabilities "
                 "recorded from SB3 at export"
             )
-        return cls(layers, meta, str(checkpoint))
+        return cls(layers, meta, actions, str(checkpoint))
 
     def logits(self, obs: np.ndarray) -> np.ndarray:
         """Action logits of the actor for one observation vector."""
