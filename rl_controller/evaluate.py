@@ -24,6 +24,10 @@ from rl_controller.rl_policy import CheckpointError, FallbackPolicy, RLPolicy, r
 from sglang_morph.cli import UsageError, exit_with, positive_float, read_input, seconds, share
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
+LATENCY_REPS = 5
+"""Passes over the recorded snapshots per controller, interleaved (a tail percentile from one
+pass is mostly the machine's noise at that moment)."""
+
 DECODE_ITERATION_S = 0.006
 """The uncontended batch-1 decode step of the SGLang notes: the strictest budget a decision
 shares the scheduler loop with."""
@@ -34,13 +38,16 @@ def print_latency(
 ) -> None:
     """Decision latency against the decode iteration it delays: the SGLang notes' step (the
     strict bound) and the calibration's batch-1 decode (this machine's)."""
-    table = Table(title="decision latency per tick")
-    for column in ("controller", "mean us", "p99 us", f"mean / {DECODE_ITERATION_S * 1e3:g} ms",
+    table = Table(title=f"decision latency per tick (median of {LATENCY_REPS} interleaved "
+                  "passes; p99 range: lowest and highest pass)")
+    for column in ("controller", "mean us", "p99 us", "p99 range us",
+                   f"mean / {DECODE_ITERATION_S * 1e3:g} ms",
                    f"p99 / {DECODE_ITERATION_S * 1e3:g} ms",
                    f"mean / {calibrated_decode_s * 1e3:.1f} ms (calibrated)"):
         table.add_column(column, justify="left" if column == "controller" else "right")
     for name, t in latency.items():
         table.add_row(name, f"{t['mean_s'] * 1e6:.1f}", f"{t['p99_s'] * 1e6:.1f}",
+                      f"{t['p99_low_s'] * 1e6:.1f}-{t['p99_high_s'] * 1e6:.1f}",
                       f"{t['mean_s'] / DECODE_ITERATION_S:.3%}",
                       f"{t['p99_s'] / DECODE_ITERATION_S:.3%}",
                       f"{t['mean_s'] / calibrated_decode_s:.3%}")
@@ -125,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # Decision latency of each controller over those snapshots.
     latency = decision_latency(
-        {"heuristic": HeuristicPolicy(), "rl": rl, "rl+fallback": FallbackPolicy(rl)}, snapshots
+        {"heuristic": HeuristicPolicy, "rl": lambda: rl, "rl+fallback": lambda: FallbackPolicy(rl)},
+        snapshots, LATENCY_REPS,
     )
     engine = calibration or IterationModel(**meta["calibration"])
     print_latency(latency, console, engine.iteration_s(0, 1, 0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -108,8 +109,9 @@ def read_metadata(checkpoint: str | Path) -> dict:
 
 
 def forward(layers: list[Layer], obs: np.ndarray) -> np.ndarray:
-    """Action logits of an actor given as ``layers`` for one observation vector."""
-    x = np.asarray(obs, dtype=np.float64)
+    """Action logits of an actor given as ``layers`` for one observation vector, in float32
+    (the dtype SB3 trained and recorded the probes in)."""
+    x = np.asarray(obs, dtype=np.float32)
     for weight, bias, activation in layers:
         x = weight @ x + bias
         if activation is not None:
@@ -199,11 +201,14 @@ class RLPolicy:
         """Current layers plus the argmax delta, within [0, num_layers], and the argmax KV
         fraction (SB3's deterministic action); PolicyOutputError when the output cannot be
         trusted."""
-        logits = self.logits(observation_vector(snap))
-        if not np.all(np.isfinite(logits)):
-            raise PolicyOutputError(f"non-finite policy output {logits.tolist()}")
-        action = self.actions.action([int(np.argmax(logits[span])) for span in self._heads],
-                                     snap.quantized_layers)
+        # Python floats from here: on a handful of logits, numpy's per-call overhead (isfinite,
+        # a slice and argmax per head) would cost as much as the network.
+        logits = self.logits(observation_vector(snap)).tolist()
+        if not math.isfinite(sum(logits)):  # NaN and infinities propagate through the sum
+            raise PolicyOutputError(f"non-finite policy output {logits}")
+        best = [max(range(span.start, span.stop), key=logits.__getitem__) - span.start
+                for span in self._heads]
+        action = self.actions.action(best, snap.quantized_layers)
         return Action(min(max(action.layers, 0), snap.num_layers), action.kv_fraction)
 
 
@@ -229,8 +234,8 @@ def _layers_from_arrays(
     layers: list[Layer] = []
     width = OBS_SIZE
     for i, name in enumerate(arrays["activations"].tolist()):
-        weight = np.asarray(arrays.get(f"w{i}"), dtype=np.float64)
-        bias = np.asarray(arrays.get(f"b{i}"), dtype=np.float64)
+        weight = np.asarray(arrays.get(f"w{i}"), dtype=np.float32)
+        bias = np.asarray(arrays.get(f"b{i}"), dtype=np.float32)
         if weight.ndim != 2 or weight.shape[1] != width or bias.shape != weight.shape[:1]:
             raise CheckpointError(
                 f"actor file {actor}: layer {i} has weight {weight.shape} and bias {bias.shape};"

@@ -17,7 +17,7 @@ from envs.calibration import load_replica
 from envs.engine_backend import kv_limit_tokens
 from envs.episodes import env_from_metadata, evaluate_policies, run_episode
 from envs.morph_env import MorphEnv, split_windows
-from envs.policies import POLICY_NAMES, make_policy, standard_policies
+from envs.policies import POLICY_NAMES, decision_latency, make_policy, standard_policies
 from envs.reward import RewardWeights, load_quality_table, tick_terms
 from envs.simulator import ReplicaConfig
 from eval.traces import Trace, TraceRequest
@@ -261,6 +261,33 @@ def test_policies_by_name() -> None:
     assert set(POLICY_NAMES) == {"fp", "int4", "heuristic", "rl"}
     with pytest.raises(ValueError, match="accepted: fp, int4, heuristic, rl"):
         make_policy("random", DEFAULT_CHECKPOINT)
+
+
+def test_decision_latency_replays_a_fresh_policy_per_pass() -> None:
+    """Each pass starts a new policy on the whole sequence (a stateful one sees what serving
+    would), every policy gets every pass, and the reported p99 lies within the passes' range."""
+    built: list[str] = []
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self, tag: str) -> None:
+            built.append(tag)
+            self.seen = 0
+
+        def decide(self, snap: LoadSnapshot) -> int:
+            self.seen += 1
+            assert self.seen <= 3  # a reused policy would see a fourth snapshot
+            return 0
+
+    snaps = [LoadSnapshot(0, 0, 0, 0, 100, 0, 100, 0, 0.0, 0.0, 1.0, 0, 4, 10, 0, 1.0)] * 3
+    out = decision_latency({"a": lambda: Counting("a"), "b": lambda: Counting("b")}, snaps, 4)
+    assert sorted(built) == ["a"] * 4 + ["b"] * 4
+    assert built[:4] == ["a", "b", "b", "a"]  # the order rotates between passes
+    for t in out.values():
+        assert 0 < t["p99_low_s"] <= t["p99_s"] <= t["p99_high_s"] and t["mean_s"] > 0
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        decision_latency({"a": lambda: Counting("a")}, snaps, 0)
 
 
 def test_shipped_checkpoint_environment_is_rebuilt_from_its_metadata() -> None:
