@@ -7,8 +7,8 @@ The trace is cut by time into consecutive windows: the first ``--train-frac`` tr
 ``--val-frac`` validates, the rest is the test part. One candidate is trained per seed, per
 ``--quality-weights`` entry and per ``--learning-rates`` entry. The heuristic is replayed on
 the validation windows too, and the candidate kept is the one that beats it there by the
-widest margin (``choose_candidate``: the learned controller is there to dominate the
-heuristic); only then is every candidate replayed once on the test windows, for the report.
+widest margin with at most 1.5x its layer swaps (``choose_candidate``: the learned controller
+is there to dominate the heuristic, without chattering); only then is every candidate replayed once on the test windows, for the report.
 Writes NAME.zip (SB3 PPO), NAME.actor.npz (its actor for numpy, what the server loads),
 NAME.json (everything needed to rebuild the environment and check compatibility, with
 repository-relative paths, the split, every candidate's validation and test results and the
@@ -441,13 +441,21 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
                     restore_load_drop=args.restore_load_drop)
 
 
+MAX_SWAP_RATIO = 1.5
+"""Most layer swaps a dominating candidate may make, as a multiple of the heuristic's: a policy
+that buys its quality by swapping layers back and forth every few ticks (what PPO finds when
+restores are not rationed) is chattering, not controlling."""
+
+
 def dominance_margin(result: PolicyResult, heuristic: PolicyResult) -> float | None:
     """How far ``result`` beats ``heuristic``: the larger of its relative reductions in SLO
     violations (TTFT and TPOT together) and in quality cost per token, when it is at least as
-    good on both; None when it is worse on either (it does not dominate)."""
+    good on both with at most ``MAX_SWAP_RATIO`` times its layer swaps; None otherwise (it does
+    not dominate)."""
     late, late_h = result.late + result.tpot_late, heuristic.late + heuristic.tpot_late
     quality, quality_h = result.quality_per_token, heuristic.quality_per_token
-    if late > late_h or quality > quality_h:
+    if (late > late_h or quality > quality_h
+            or result.swapped_layers > MAX_SWAP_RATIO * heuristic.swapped_layers):
         return None
     return max(1 - late / late_h if late_h else 0.0, 1 - quality / quality_h if quality_h else 0.0)
 
@@ -456,7 +464,8 @@ def choose_candidate(results: list[PolicyResult], heuristic: PolicyResult) -> tu
     """Index of the candidate to keep, from validation results only, and why.
 
     The learned controller is there to dominate the heuristic (violations and quality cost
-    both at most its, one clearly lower), so that is what chooses: among the candidates that
+    both at most its, one clearly lower, without chattering), so that is what chooses: among
+    the candidates that
     dominate it on validation, the widest margin (ties: higher reward). When none does, the
     highest reward, and the reason says that none dominated.
     """

@@ -337,8 +337,8 @@ def _result(row: dict) -> PolicyResult:
     return PolicyResult(**{f.name: row[f.name] for f in dataclasses.fields(PolicyResult)})
 
 
-def _val(late: int, quality_cost: float, reward: float) -> PolicyResult:
-    return PolicyResult("rl", 3, 100, late, 0, 1000, quality_cost, 4, 0, 0, 2, 0.5, 1.0, 0.2,
+def _val(late: int, quality_cost: float, reward: float, swaps: int = 4) -> PolicyResult:
+    return PolicyResult("rl", 3, 100, late, 0, 1000, quality_cost, swaps, 0, 0, 2, 0.5, 1.0, 0.2,
                         reward)
 
 
@@ -351,6 +351,9 @@ def test_training_keeps_the_candidate_that_dominates_the_heuristic_widest_on_val
     best_reward = _val(11, 50.0, -15.0)         # highest reward, but more violations
     assert dominance_margin(fewer_late, heuristic) == pytest.approx(0.2)
     assert dominance_margin(best_reward, heuristic) is None
+    # Better on both, but by swapping layers back and forth: not dominating (4 swaps x 1.5).
+    assert dominance_margin(_val(5, 50.0, -10.0, swaps=6), heuristic) == pytest.approx(0.5)
+    assert dominance_margin(_val(5, 50.0, -10.0, swaps=7), heuristic) is None
     chosen, why = choose_candidate([fewer_late, best_reward, better_quality], heuristic)
     assert chosen == 2 and "dominates" in why and "2 of 3" in why
     # No candidate dominates: the highest reward, and the reason says so.
