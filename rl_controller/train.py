@@ -8,7 +8,8 @@ The trace is cut by time into consecutive windows: the first ``--train-frac`` tr
 ``--quality-weights`` entry and per ``--learning-rates`` entry. The heuristic is replayed on
 the validation windows too, and the candidate kept is the one that beats it there by the
 widest margin with at most 1.5x its layer swaps (``choose_candidate``: the learned controller
-is there to dominate the heuristic, without chattering); only then is every candidate replayed once on the test windows, for the report.
+is there to dominate the heuristic, without chattering); only then is every candidate
+replayed once on the test windows, for the report.
 Writes NAME.zip (SB3 PPO), NAME.actor.npz (its actor for numpy, what the server loads),
 NAME.json (everything needed to rebuild the environment and check compatibility, with
 repository-relative paths, the split, every candidate's validation and test results and the
