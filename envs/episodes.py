@@ -22,6 +22,7 @@ from envs.simulator import ReplicaConfig
 from eval.traces import LengthMapping, Trace, poisson_load
 from rl_controller.observation import LoadSnapshot
 from rl_controller.policy import Policy
+from sglang_morph.config import RestoreRule
 
 STEADY_S = 300.0
 """Length of a simulated steady load (``env_from_metadata(steady_rate=...)``): five minutes, the
@@ -36,9 +37,7 @@ def env_from_metadata(
     calibration: IterationModel | None = None,
     backend: str = "simulator",
     tick_s: float | None = None,
-    restore_window_s: float | None = None,
-    restore_max_window_s: float | None = None,
-    restore_load_drop: float | None = None,
+    restore: RestoreRule | None = None,
     steady_rate: float | None = None,
 ) -> MorphEnv:
     """The environment a checkpoint was trained in, or a variant of it (another trace, load,
@@ -48,8 +47,8 @@ def env_from_metadata(
     ``windows`` default to the checkpoint's test windows (``eval_windows``): those it recorded,
     or at another time scale the same test part of the trace cut anew; another trace has no
     held-out part, so it is replayed whole. Windows always have the training length.
-    The restore stabilization (windows, load drop) defaults to the one the checkpoint was trained
-    under (0 for checkpoints older than each part: they were trained without it).
+    ``restore``, the restore stabilization rule, defaults to the one the checkpoint was trained
+    under (``RestoreRule.from_metadata``).
 
     ``steady_rate`` replaces the windows by one steady load: ``STEADY_S`` of constant-rate
     Poisson arrivals at that many requests per second (seeded), request shapes drawn from the
@@ -72,7 +71,6 @@ def env_from_metadata(
         requests = poisson_load(shapes, steady_rate, STEADY_S, seed=0)
         prepared = Trace(f"poisson-{steady_rate:g}", requests, {"span_s": STEADY_S})
         windows = [(0.0, STEADY_S)]
-    window = _given_or(restore_window_s, meta.get("restore_window_s", 0.0))
     return MorphEnv(
         prepared,
         windows,
@@ -83,15 +81,8 @@ def env_from_metadata(
         tick_s=meta["tick_s"] if tick_s is None else tick_s,
         backend=backend,
         action_mode="target",
-        restore_window_s=window,
-        restore_max_window_s=max(window, _given_or(restore_max_window_s,
-                                                   meta.get("restore_max_window_s", window))),
-        restore_load_drop=_given_or(restore_load_drop, meta.get("restore_load_drop", 0.0)),
+        restore=RestoreRule.from_metadata(meta) if restore is None else restore,
     )
-
-
-def _given_or(value: float | None, default: float) -> float:
-    return default if value is None else value
 
 
 def run_episode(

@@ -50,7 +50,7 @@ from rl_controller.policy import (
     clip_kv_fraction,
 )
 from rl_controller.stabilizer import RestoreStabilizer
-from sglang_morph.config import RESTORE_LOAD_DROP, RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.config import DEFAULT_RESTORE_RULE, RestoreRule
 from sglang_morph.paths import DEFAULT_CALIBRATION
 
 Window = tuple[float, float]
@@ -144,18 +144,15 @@ class MorphEnv(gym.Env):
         tick_s: float = 0.05,
         action_mode: str = "delta",
         actions: RLActions = RL_ACTIONS,
-        restore_window_s: float = RESTORE_WINDOW_S,
-        restore_max_window_s: float = RESTORE_MAX_WINDOW_S,
-        restore_load_drop: float = RESTORE_LOAD_DROP,
+        restore: RestoreRule = DEFAULT_RESTORE_RULE,
     ) -> None:
         """``trace`` is a prepared Trace, or a name/path prepared here with ``length_mapping``
         (default LengthMapping()) and ``time_scale``. ``windows`` default to all consecutive
         ``window_s`` windows. ``backend`` is ``"simulator"``, ``"engine"`` (starts a real server:
         ``envs.engine_backend``) or an object implementing ``ServingBackend``.
-        ``action_mode``, ``actions``: see the module docstring. ``restore_window_s``,
-        ``restore_max_window_s``, ``restore_load_drop``: the runtime's restore stabilization
-        (``--morph-restore-window``, ``--morph-restore-max-window``,
-        ``--morph-restore-load-drop``), applied to every policy here too."""
+        ``action_mode``, ``actions``: see the module docstring. ``restore``: the runtime's
+        restore stabilization rule (``--morph-restore-*``), applied to every policy here too,
+        so a policy is trained and judged under the rule it serves under."""
         if isinstance(trace, str):
             trace = prepare_trace(trace, length_mapping or LengthMapping(), time_scale)
         self.trace = trace
@@ -190,10 +187,8 @@ class MorphEnv(gym.Env):
         self.window: Window = self.windows[0]
         self.stats = EpisodeStats(requests=0)
         self._duration = 0.0
-        self.restore_window_s = restore_window_s
-        self.restore_max_window_s = restore_max_window_s
-        self.restore_load_drop = restore_load_drop
-        self._stabilizer = self._new_stabilizer()  # checks the values now; renewed per episode
+        self.restore = restore
+        self._stabilizer = RestoreStabilizer(restore)  # renewed per episode
 
     def _make_backend(
         self, backend: str | ServingBackend, calibration: IterationModel | str | Path | None
@@ -237,12 +232,8 @@ class MorphEnv(gym.Env):
         self._duration = window.duration_s
         self.snapshot = self.backend.reset(window)
         self.stats = EpisodeStats(requests=len(window.requests))
-        self._stabilizer = self._new_stabilizer()
+        self._stabilizer = RestoreStabilizer(self.restore)
         return observation_vector(self.snapshot), {"window": self.window}
-
-    def _new_stabilizer(self) -> RestoreStabilizer:
-        return RestoreStabilizer(self.restore_window_s, self.restore_max_window_s,
-                                 self.restore_load_drop)
 
     def step(
         self, action: np.ndarray | Sequence[int] | int | Action

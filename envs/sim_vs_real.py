@@ -47,6 +47,7 @@ from sglang_morph.cli import (
     read_input,
 )
 from sglang_morph.client import MorphClient
+from sglang_morph.config import RestoreRule
 from sglang_morph.data import resolve_model
 from sglang_morph.paths import DEFAULT_CHECKPOINT, REPO_ROOT, absolute, repo_relative
 from sglang_morph.server_process import Server, ServerError
@@ -110,7 +111,7 @@ def simulate(env: MorphEnv, policy_name: str, checkpoint: str, drain_s: float) -
 
 
 def engine_flags(policy: str, replica: ReplicaConfig, budget: int, checkpoint: str,
-                 profile: str, restore: tuple[float, float, float]) -> list[str]:
+                 profile: str, restore: RestoreRule) -> list[str]:
     """Launcher flags of ``policy``'s server: the checkpoint's budget, layer order, SLOs and
     restore stabilization (windows, load drop), so that the policy in the server sees and is
     held back as in the simulator."""
@@ -118,9 +119,9 @@ def engine_flags(policy: str, replica: ReplicaConfig, budget: int, checkpoint: s
             "--morph-ttft-slo", f"{replica.ttft_slo_s:.6f}",
             "--morph-tpot-slo", f"{replica.tpot_slo_s:.6f}",
             "--morph-profile", profile,
-            "--morph-restore-window", f"{restore[0]:g}",
-            "--morph-restore-max-window", f"{restore[1]:g}",
-            "--morph-restore-load-drop", f"{restore[2]:g}"]
+            "--morph-restore-window", f"{restore.window_s:g}",
+            "--morph-restore-max-window", f"{restore.max_window_s:g}",
+            "--morph-restore-load-drop", f"{restore.load_drop:g}"]
 
 
 def wait_resting(client: MorphClient, policy: str, timeout_s: float = REST_TIMEOUT_S) -> dict:
@@ -375,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.reps):
         for policy in policies:
             log = out.parent / f"{out.stem}-{policy}-rep{rep}.log"
-            flags = engine_flags(policy, replica, budget, checkpoint, profile,
-                                 (sim_env.restore_window_s, sim_env.restore_max_window_s,
-                                  sim_env.restore_load_drop))
+            flags = engine_flags(policy, replica, budget, checkpoint, profile, sim_env.restore)
             console.print(f"[bold]rep {rep}: {policy}[/] server (log {log})")
             try:
                 server = start_server(model, None, flags, log)

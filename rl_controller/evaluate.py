@@ -10,6 +10,7 @@ it delays.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from rich.console import Console
 from rich.table import Table
@@ -22,6 +23,7 @@ from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
 from rl_controller.rl_policy import CheckpointError, FallbackPolicy, RLPolicy, read_metadata
 from sglang_morph.cli import UsageError, exit_with, positive_float, read_input, seconds, share
+from sglang_morph.config import RestoreRule
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 LATENCY_REPS = 5
@@ -54,6 +56,18 @@ def print_latency(
     console.print(table)
 
 
+def restore_rule(args: argparse.Namespace, meta: dict) -> RestoreRule:
+    """The restore rule the checkpoint was trained under, with the settings the command line
+    gives instead (to choose a rule on validation windows); a max window below the window is
+    raised to it, so ``--restore-window`` alone may go past the checkpoint's max window."""
+    rule = RestoreRule.from_metadata(meta)
+    window = rule.window_s if args.restore_window is None else args.restore_window
+    max_window = rule.max_window_s if args.restore_max_window is None else args.restore_max_window
+    load_drop = rule.load_drop if args.restore_load_drop is None else args.restore_load_drop
+    return replace(rule, window_s=window, max_window_s=max(window, max_window),
+                   load_drop=load_drop)
+
+
 def load_inputs(
     args: argparse.Namespace,
 ) -> tuple[dict, RLPolicy, MorphEnv, IterationModel | None]:
@@ -74,9 +88,7 @@ def load_inputs(
         windows = [tuple(w) for w in meta["val_windows"]]
     env = read_input("--trace", lambda: env_from_metadata(
         meta, windows=windows, trace=args.trace, time_scale=args.time_scale,
-        calibration=calibration, restore_window_s=args.restore_window,
-        restore_max_window_s=args.restore_max_window,
-        restore_load_drop=args.restore_load_drop, steady_rate=args.steady))
+        calibration=calibration, restore=restore_rule(args, meta), steady_rate=args.steady))
     return meta, rl, env, calibration
 
 
@@ -125,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     print_results(
         results,
         f"{load}, SLO TTFT {env.replica.ttft_slo_s * 1e3:.1f} ms, TPOT "
-        f"{env.replica.tpot_slo_s * 1e3:.1f} ms, restore window {env.restore_window_s:g}-"
-        f"{env.restore_max_window_s:g} s, load drop {env.restore_load_drop:g} (simulator)",
+        f"{env.replica.tpot_slo_s * 1e3:.1f} ms, restore window {env.restore.window_s:g}-"
+        f"{env.restore.max_window_s:g} s, load drop {env.restore.load_drop:g} (simulator)",
         console,
     )
 

@@ -26,7 +26,8 @@ the layers were last quantized. Under a load that does not fall, one probe resto
 request rate unchanged) come back in time.
 
 It applies to every policy, after the safety clips, in the runtime and in the environment the
-RL policy is trained in, so a policy learns under the rule it will serve under. Raising a
+RL policy is trained in, both given one ``RestoreRule`` (whose fields the names above are), so
+a policy learns under the rule it will serve under. Raising a
 restore target back toward the current depth is always safe (it keeps memory where it is).
 """
 
@@ -35,12 +36,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from sglang_morph.config import (
-    RESTORE_LOAD_DROP,
-    RESTORE_LOAD_TAU_S,
-    RESTORE_MAX_WINDOW_S,
-    RESTORE_WINDOW_S,
-)
+from sglang_morph.config import DEFAULT_RESTORE_RULE, RestoreRule
 
 
 class RestoreStabilizer:
@@ -52,33 +48,12 @@ class RestoreStabilizer:
     memory stays bounded by the recommendations of one window however often it is asked.
     """
 
-    def __init__(
-        self,
-        window_s: float = RESTORE_WINDOW_S,
-        max_window_s: float = RESTORE_MAX_WINDOW_S,
-        load_drop: float = RESTORE_LOAD_DROP,
-        load_tau_s: float = RESTORE_LOAD_TAU_S,
-    ) -> None:
-        """``window_s``: the shortest window (0: restores are never held); ``max_window_s``:
-        the longest it grows to under repeated regretted restores (at least ``window_s``), and
-        the probe period under a load that does not fall; ``load_drop``: how far below its peak
-        the smoothed arrival rate must be for a restore (0: restores do not wait for the load);
-        ``load_tau_s``: the smoothing's time constant."""
-        if not 0 <= window_s < math.inf:
-            raise ValueError(f"window_s must be 0 or more seconds, got {window_s}")
-        if not window_s <= max_window_s < math.inf:
-            raise ValueError(f"max_window_s must be at least window_s ({window_s} s), got "
-                             f"{max_window_s}")
-        if not 0 <= load_drop < 1:
-            raise ValueError(f"load_drop must be a fraction in [0, 1), got {load_drop}")
-        if not 0 < load_tau_s < math.inf:
-            raise ValueError(f"load_tau_s must be a positive number of seconds, got {load_tau_s}")
-        self.base_s = window_s
-        self.max_s = max_window_s
-        self.window_s = window_s
-        """The window in force now (between ``base_s`` and ``max_s``)."""
-        self.load_drop = load_drop
-        self.load_tau_s = load_tau_s
+    def __init__(self, rule: RestoreRule = DEFAULT_RESTORE_RULE) -> None:
+        """``rule``: the windows and load drop to apply (its values were checked when it was
+        built)."""
+        self.rule = rule
+        self.window_s = rule.window_s
+        """The window in force now (between ``rule.window_s`` and ``rule.max_window_s``)."""
         self._peaks: deque[tuple[float, int]] = deque()  # (time, target), targets decreasing
         self._restored_s: float | None = None  # when the last restore was applied, if pending
         self.rate: float | None = None
@@ -98,8 +73,8 @@ class RestoreStabilizer:
         wanted quantized, or the load has not fallen (and no probe is due). The rate may be
         left out only without a load drop: a gate fed nothing would open on every tick."""
         if arrival_rate is None:
-            if self.load_drop > 0:
-                raise ValueError(f"a stabilizer with load_drop {self.load_drop:g} needs the "
+            if self.rule.load_drop > 0:
+                raise ValueError(f"a stabilizer with load_drop {self.rule.load_drop:g} needs the "
                                  "arrival rate at every decision")
             arrival_rate = 0.0
         quantizing = target > current
@@ -122,15 +97,15 @@ class RestoreStabilizer:
         return applied
 
     def _judge_last_restore(self, quantizing: bool, now: float) -> None:
-        """Grow the window when the last restore is undone within ``max_s``, shrink it when
-        the restore held that long."""
+        """Grow the window when the last restore is undone within ``rule.max_window_s``,
+        shrink it when the restore held that long."""
         if self._restored_s is None:
             return
         if quantizing:
-            self.window_s = min(self.max_s, max(2.0 * self.window_s, 1.0))
+            self.window_s = min(self.rule.max_window_s, max(2.0 * self.window_s, 1.0))
             self._restored_s = None
-        elif now - self._restored_s >= self.max_s:
-            self.window_s = max(self.base_s, self.window_s / 2.0)
+        elif now - self._restored_s >= self.rule.max_window_s:
+            self.window_s = max(self.rule.window_s, self.window_s / 2.0)
             self._restored_s = None
 
     def _track_load(self, arrival_rate: float, now: float, quantizing: bool) -> None:
@@ -138,7 +113,7 @@ class RestoreStabilizer:
         if self.rate is None:
             self.rate = arrival_rate
         else:
-            weight = 1.0 - math.exp(-max(0.0, now - self._rate_s) / self.load_tau_s)
+            weight = 1.0 - math.exp(-max(0.0, now - self._rate_s) / self.rule.load_tau_s)
             self.rate += weight * (arrival_rate - self.rate)
         self._rate_s = now
         if quantizing:
@@ -147,12 +122,12 @@ class RestoreStabilizer:
             self.peak = max(self.peak, self.rate)
 
     def _load_allows_restore(self, now: float) -> bool:
-        """The load fell ``load_drop`` below its peak, or a probe is due (one per ``max_s``
-        since the last quantization or probe)."""
+        """The load fell ``rule.load_drop`` below its peak, or a probe is due (one per
+        ``rule.max_window_s`` since the last quantization or probe)."""
         assert self.rate is not None
-        if self.load_drop <= 0 or self.rate <= (1.0 - self.load_drop) * self.peak:
+        if self.rule.load_drop <= 0 or self.rate <= (1.0 - self.rule.load_drop) * self.peak:
             return True
-        if now - self._gate_s >= self.max_s:
+        if now - self._gate_s >= self.rule.max_window_s:
             self._gate_s = now
             return True
         return False

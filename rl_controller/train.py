@@ -66,7 +66,12 @@ from sglang_morph.cli import (
     seconds,
     share,
 )
-from sglang_morph.config import RESTORE_LOAD_DROP, RESTORE_MAX_WINDOW_S, RESTORE_WINDOW_S
+from sglang_morph.config import (
+    RESTORE_LOAD_DROP,
+    RESTORE_MAX_WINDOW_S,
+    RESTORE_WINDOW_S,
+    RestoreRule,
+)
 from sglang_morph.paths import (
     DEFAULT_CALIBRATION,
     DEFAULT_CHECKPOINT,
@@ -143,6 +148,12 @@ class Args:
     gae_lambda: float = _arg(0.95, "GAE lambda")
     ent_coef: float = _arg(0.01, "entropy bonus")
     hidden: int = _arg(64, "width of the two hidden layers (actor and critic)", positive_int)
+
+    def restore_rule(self) -> RestoreRule:
+        """The restore rule of the three ``--restore-*`` options: one value for every
+        environment of the run (the policy is trained and judged under the rule the server
+        must be given); ValueError naming the option that cannot be used."""
+        return RestoreRule(self.restore_window, self.restore_max_window, self.restore_load_drop)
 
 
 PATH_ARGS = ("out", "calibration", "quality", "profile")
@@ -285,7 +296,8 @@ def _numbers(flag: str, text: str, kind: type) -> list:
 
 @dataclass(frozen=True)
 class Inputs:
-    """Everything the run reads from files, loaded before any training."""
+    """Everything the run reads from files, and the restore rule, checked before any
+    training."""
 
     trace: Trace
     train_windows: list[Window]
@@ -295,11 +307,13 @@ class Inputs:
     quality: tuple[float, ...]
     replica: ReplicaConfig
     order: list[int]
+    restore: RestoreRule
 
 
 def load_inputs(args: Args) -> Inputs:
-    """The trace, its windows, the calibration, quality table and profile; UsageError naming
-    the option whose file or value cannot be used, so training never starts on bad input."""
+    """The trace, its windows, the calibration, quality table, profile and restore rule;
+    UsageError naming the option whose file or value cannot be used, so training never starts
+    on bad input."""
     trace = read_input("--trace", lambda: prepare_trace(args.trace, LengthMapping(),
                                                         args.time_scale))
     train, val, test = split_protocol(trace, args.window_s, args.train_frac, args.val_frac)
@@ -312,6 +326,10 @@ def load_inputs(args: Args) -> Inputs:
         )
     quality = (read_input("--quality", lambda: load_quality_table(args.quality))
                if args.quality else DEFAULT_QUALITY_TABLE)
+    try:
+        restore = args.restore_rule()
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     return Inputs(
         trace, train, val, test,
         calibration=read_input("--calibration", lambda: load_calibration(args.calibration)),
@@ -319,6 +337,7 @@ def load_inputs(args: Args) -> Inputs:
         replica=read_input("--calibration",
                            lambda: ReplicaConfig.from_calibration(args.calibration)),
         order=read_input("--profile", lambda: layer_order(load_profile(args.profile))),
+        restore=restore,
     )
 
 
@@ -356,10 +375,7 @@ def train_candidate(
     def make_env() -> MorphEnv:
         return MorphEnv(trace, inputs.train_windows, calibration=calibration, replica=replica,
                         quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
-                        actions=actions,
-                        restore_window_s=args.restore_window,
-                        restore_max_window_s=args.restore_max_window,
-                        restore_load_drop=args.restore_load_drop)
+                        actions=actions, restore=inputs.restore)
 
     envs = DummyVecEnv([lambda: Monitor(make_env())] * args.n_envs)
 
@@ -402,9 +418,9 @@ def train_candidate(
         "val_windows": inputs.val_windows,
         "eval_windows": inputs.test_windows,
         "tick_s": args.tick_s,
-        "restore_window_s": args.restore_window,
-        "restore_max_window_s": args.restore_max_window,
-        "restore_load_drop": args.restore_load_drop,
+        "restore_window_s": inputs.restore.window_s,
+        "restore_max_window_s": inputs.restore.max_window_s,
+        "restore_load_drop": inputs.restore.load_drop,
         "replica": asdict(replica),
         "calibration": asdict(calibration),
         "profile": repo_relative(args.profile),
@@ -437,9 +453,7 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
     weights, with absolute-target actions (what ``RLPolicy.decide`` answers)."""
     return MorphEnv(inputs.trace, windows, calibration=inputs.calibration, replica=inputs.replica,
                     quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
-                    action_mode="target", restore_window_s=args.restore_window,
-                    restore_max_window_s=args.restore_max_window,
-                    restore_load_drop=args.restore_load_drop)
+                    action_mode="target", restore=inputs.restore)
 
 
 MAX_SWAP_RATIO = 1.5

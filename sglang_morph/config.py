@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 ENV_VAR = "SGLANG_MORPH_CONFIG"
 POLICIES = ("off", "manual", "heuristic", "rl")
@@ -77,6 +80,60 @@ RESTORE_LOAD_TAU_S = 20.0
 Poisson clump of a few seconds does not look like a change of load."""
 
 
+@dataclass(frozen=True)
+class RestoreRule:
+    """The restore stabilization rule (``rl_controller.stabilizer``): the shortest window, the
+    longest it grows to, the load drop restores wait for, and the smoothing of that load.
+
+    One value, because the runtime and the training environment must apply the same rule: a
+    policy is trained under the rule it will serve under, and a checkpoint records it. The
+    checks live here, once, so the server's ``--morph-restore-*`` options and the offline
+    commands' ``--restore-*`` options are refused alike.
+    """
+
+    window_s: float = RESTORE_WINDOW_S
+    """The shortest window (0: restores are never held)."""
+    max_window_s: float = RESTORE_MAX_WINDOW_S
+    """The longest the window grows to under repeated regretted restores, and the probe period
+    under a load that does not fall (at least ``window_s``)."""
+    load_drop: float = RESTORE_LOAD_DROP
+    """How far below its peak the smoothed arrival rate must be for a restore (0: restores do
+    not wait for the load)."""
+    load_tau_s: float = RESTORE_LOAD_TAU_S
+    """Time constant of the arrival-rate smoothing."""
+
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the option that is wrong and what it accepts."""
+        if not 0 <= self.window_s < math.inf:
+            raise ValueError("--[morph-]restore-window must be 0 or more seconds, "
+                             f"got {self.window_s:g}")
+        if not self.window_s <= self.max_window_s < math.inf:
+            raise ValueError("--[morph-]restore-max-window must be at least the restore window "
+                             f"({self.window_s:g} s), got {self.max_window_s:g}")
+        if not 0 <= self.load_drop < 1:
+            raise ValueError("--[morph-]restore-load-drop must be a fraction in [0, 1), "
+                             f"got {self.load_drop:g}")
+        if not 0 < self.load_tau_s < math.inf:
+            raise ValueError("load_tau_s must be a positive number of seconds, "
+                             f"got {self.load_tau_s:g}")
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> RestoreRule:
+        """The rule a checkpoint was trained under, from its metadata keys
+        ``restore_window_s``, ``restore_max_window_s`` and ``restore_load_drop``. Checkpoints
+        older than each key were trained without that part: window 0, max window the window,
+        load drop 0; the max window is never below the window."""
+        window = meta.get("restore_window_s", 0.0)
+        return cls(window_s=window,
+                   max_window_s=max(window, meta.get("restore_max_window_s", window)),
+                   load_drop=meta.get("restore_load_drop", 0.0))
+
+
+DEFAULT_RESTORE_RULE = RestoreRule()
+"""The rule of the ``--morph-restore-*`` defaults, the default of every stabilizer and
+environment."""
+
+
 @dataclass
 class MorphConfig:
     """Everything the scheduler-side runtime needs to know, JSON-serialisable."""
@@ -121,16 +178,14 @@ class MorphConfig:
                 raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
         if not self.tick_interval_s >= 0:
             raise ValueError("--morph-tick-interval must be 0 or more seconds")
-        if not 0 <= self.restore_window_s < float("inf"):
-            raise ValueError("--morph-restore-window must be 0 or more seconds, "
-                             f"got {self.restore_window_s}")
-        if not self.restore_window_s <= self.restore_max_window_s < float("inf"):
-            raise ValueError("--morph-restore-max-window must be at least "
-                             f"--morph-restore-window ({self.restore_window_s} s), "
-                             f"got {self.restore_max_window_s}")
-        if not 0 <= self.restore_load_drop < 1:
-            raise ValueError("--morph-restore-load-drop must be a fraction in [0, 1), "
-                             f"got {self.restore_load_drop}")
+        _ = self.restore_rule  # building the rule checks the --morph-restore-* values
+
+    @property
+    def restore_rule(self) -> RestoreRule:
+        """The restore stabilization rule of the ``--morph-restore-*`` options (the fields
+        stay flat: the configuration travels as JSON and is rebuilt field by field)."""
+        return RestoreRule(self.restore_window_s, self.restore_max_window_s,
+                           self.restore_load_drop)
 
     @property
     def enabled(self) -> bool:

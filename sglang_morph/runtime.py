@@ -80,8 +80,7 @@ class MorphRuntime:
         self.swapper = None
         self.kv = None
         self.controller: Controller | None = None
-        self.stabilizer = RestoreStabilizer(cfg.restore_window_s, cfg.restore_max_window_s,
-                                            cfg.restore_load_drop)
+        self.stabilizer = RestoreStabilizer(cfg.restore_rule)
         """Holds restores back until a whole window asked for them (every policy)."""
         self.observing = cfg.policy in ("manual", "heuristic", "rl") and (
             self.tp is None or self.tp.is_source
@@ -508,9 +507,10 @@ class MorphRuntime:
             "fallback_reason": self.fallback_reason,
             "clipped_actions": self.clipped_actions,
             "restore_window_s": self.stabilizer.window_s,
-            "restore_window_range_s": [self.stabilizer.base_s, self.stabilizer.max_s],
+            "restore_window_range_s": [self.stabilizer.rule.window_s,
+                                       self.stabilizer.rule.max_window_s],
             "held_restores": self.stabilizer.held,
-            "restore_load_drop": self.stabilizer.load_drop,
+            "restore_load_drop": self.stabilizer.rule.load_drop,
             "smoothed_arrival_rate": self.stabilizer.rate,
             "arrival_rate_peak": self.stabilizer.peak,
             "ttft_slo_s": self.ttft_slo_s,

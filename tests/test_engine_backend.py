@@ -9,6 +9,7 @@ from envs.engine_backend import EngineBackend
 from envs.morph_env import MorphEnv, prepare_trace
 from eval.traces import LengthMapping, burstiest_window
 from rl_controller.policy import Action, ConstantPolicy, Policy
+from sglang_morph.config import RestoreRule
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +24,7 @@ def env():
     backend = EngineBackend(ttft_slo_s=0.5)
     # Restores as the actions ask (no stabilization window): these cases test the backend.
     e = MorphEnv(trace, [(start, start + WINDOW_S)], backend=backend, tick_s=TICK_S,
-                 action_mode="target", restore_window_s=0.0, restore_max_window_s=0.0,
-                 restore_load_drop=0.0)
+                 action_mode="target", restore=RestoreRule(0.0, 0.0, load_drop=0.0))
     yield e
     e.close()
 

@@ -4,6 +4,7 @@ command lines."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 
 import gymnasium as gym
@@ -25,6 +26,7 @@ from rl_controller.heuristic import HeuristicPolicy
 from rl_controller.observation import LoadSnapshot
 from rl_controller.policy import KV_FRACTIONS, Action, ConstantPolicy
 from rl_controller.rl_policy import FallbackPolicy, read_metadata
+from sglang_morph.config import RestoreRule
 from sglang_morph.paths import DEFAULT_CHECKPOINT
 
 
@@ -105,8 +107,7 @@ def test_reward_is_the_weighted_sum_of_its_terms() -> None:
 
 
 def test_delta_actions_move_one_layer() -> None:
-    env = make_env(restore_window_s=0.0, restore_max_window_s=0.0,  # restores not held
-                   restore_load_drop=0.0)
+    env = make_env(restore=RestoreRule(0.0, 0.0, load_drop=0.0))  # restores not held
     env.reset(options={"window": 0})
     steps = [env.step((a, 2))[4]["target"] for a in (2, 2, 1, 0, 0, 0)]
     assert steps == [1, 2, 2, 1, 0, 0]
@@ -115,7 +116,7 @@ def test_delta_actions_move_one_layer() -> None:
 
 
 def test_restores_wait_for_the_stabilization_window() -> None:
-    env = make_env(restore_window_s=0.5, restore_max_window_s=0.5, tick_s=0.05)
+    env = make_env(restore=RestoreRule(0.5, 0.5), tick_s=0.05)
     env.reset(options={"window": 0})
     env.step((2, 2))  # quantize one layer: never delayed
     targets = [env.step((0, 2))[4]["target"] for _ in range(12)]  # ask to restore every tick
@@ -297,9 +298,28 @@ def test_shipped_checkpoint_environment_is_rebuilt_from_its_metadata() -> None:
     assert env.action_mode == "target" and env.tick_s == meta["tick_s"]
     assert env.replica.num_layers == meta["num_layers"]
     assert env.weights == RewardWeights(**meta["reward_weights"])
+    assert env.restore == RestoreRule.from_metadata(meta)
     slower = env_from_metadata(meta, time_scale=2 * meta["time_scale"])
     held_out = slower.trace.duration_s * meta["train_frac"]
     assert slower.windows and min(start for start, _ in slower.windows) >= held_out
+
+
+def test_evaluation_replaces_only_the_restore_settings_it_is_given() -> None:
+    """Each ``--restore-*`` option of ``rl_controller.evaluate`` replaces its part of the
+    checkpoint's rule; a window past the checkpoint's max window raises the max with it."""
+    evaluate = importlib.import_module("rl_controller.evaluate")
+    meta = {"restore_window_s": 10.0, "restore_max_window_s": 120.0, "restore_load_drop": 0.25}
+
+    def rule(window: float | None = None, max_window: float | None = None,
+             load_drop: float | None = None) -> RestoreRule:
+        return evaluate.restore_rule(argparse.Namespace(
+            restore_window=window, restore_max_window=max_window, restore_load_drop=load_drop),
+            meta)
+
+    assert rule() == RestoreRule(10.0, 120.0, load_drop=0.25)
+    assert rule(window=5.0, load_drop=0.0) == RestoreRule(5.0, 120.0, load_drop=0.0)
+    assert rule(max_window=60.0) == RestoreRule(10.0, 60.0, load_drop=0.25)
+    assert rule(window=200.0) == RestoreRule(200.0, 200.0, load_drop=0.25)
 
 
 def test_shipped_checkpoint_metadata_carries_no_machine_paths() -> None:

@@ -22,6 +22,7 @@ from rl_controller.policy import (
     clip_kv_fraction,
     target_layers,
 )
+from sglang_morph.config import RestoreRule
 
 TICK_S = 0.25
 
@@ -68,16 +69,15 @@ def trace_of(rates: list[tuple[float, float, float]], prompt: int, output: int) 
 # A fixed, uncontended engine (the SGLang notes' decode steps: 6 ms at batch 1, +0.8 ms per
 # request), so these cases test the rule and not whatever the shared CPU measured last.
 ENGINE = IterationModel(0.0048, 3e-5, 0.0008, 0.0002, 0.002, source="test")
+NO_RESTORE_RULE = RestoreRule(0.0, 0.0, load_drop=0.0)
+"""Restores as the policy asks: these cases test the policy's rule, not the stabilizer."""
 
 
-def replay(trace: Trace, policy, restore_window_s: float = 0.0,
-           restore_max_window_s: float = 0.0, restore_load_drop: float = 0.0) -> list[int]:
+def replay(trace: Trace, policy, restore: RestoreRule = NO_RESTORE_RULE) -> list[int]:
     """Quantized-layer count after every tick (by default the rule alone, without the restore
     stabilizer every policy serves behind: tests/test_stabilizer.py has it)."""
     env = MorphEnv(trace, [(0.0, trace.duration_s)], tick_s=TICK_S, action_mode="target",
-                   calibration=ENGINE, replica=ReplicaConfig(),
-                   restore_window_s=restore_window_s, restore_max_window_s=restore_max_window_s,
-                   restore_load_drop=restore_load_drop)
+                   calibration=ENGINE, replica=ReplicaConfig(), restore=restore)
     env.reset(seed=0)
     layers, done = [], False
     while not done:
