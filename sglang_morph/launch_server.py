@@ -21,6 +21,7 @@ from rl_controller.rl_policy import CheckpointError, RLPolicy
 from sglang_morph.cli import FAILURE_STATUS, UsageError, exit_with
 from sglang_morph.compat import MorphSetupError, check_hook_targets, check_sglang_version
 from sglang_morph.config import (
+    DEFAULT_RESTORE_RULE,
     GROUP_SIZES,
     POLICIES,
     QUANT_METHODS,
@@ -29,6 +30,7 @@ from sglang_morph.config import (
     RESTORE_MAX_WINDOW_S,
     RESTORE_WINDOW_S,
     MorphConfig,
+    RestoreRule,
     parse_bytes,
 )
 from sglang_morph.data import DEFAULT_MODEL, resolve_model
@@ -129,17 +131,17 @@ def morph_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--morph-restore-window",
         type=float,
-        default=RESTORE_WINDOW_S,
+        default=None,
         help="seconds every controller decision must have asked for a restore before layers "
         "are restored, at least (quantizing is never delayed; 0: restore at once; default: "
-        f"{RESTORE_WINDOW_S:g})",
+        f"the rule an RL checkpoint was trained under, else {RESTORE_WINDOW_S:g})",
     )
     g.add_argument(
         "--morph-restore-max-window",
         type=float,
-        default=RESTORE_MAX_WINDOW_S,
+        default=None,
         help="the longest the restore window grows to while restores keep being undone by "
-        f"quantizing again (default: {RESTORE_MAX_WINDOW_S:g})",
+        f"quantizing again (default: the RL checkpoint's, else {RESTORE_MAX_WINDOW_S:g})",
     )
     g.add_argument(
         "--morph-restore-load-drop",
@@ -147,7 +149,7 @@ def morph_parser() -> argparse.ArgumentParser:
         default=RESTORE_LOAD_DROP,
         help="restores also wait until the smoothed arrival rate is this fraction below its "
         "peak since the layers were quantized, or one probe restore per max window (0: no "
-        f"such wait; default: {RESTORE_LOAD_DROP:g})",
+        f"such wait; default: the RL checkpoint's, else {RESTORE_LOAD_DROP:g})",
     )
     g.add_argument(
         "--morph-ttft-slo",
@@ -338,6 +340,24 @@ def _cuda_switches(sg: list[str]) -> None:
     )
 
 
+def _restore_settings(
+    known: argparse.Namespace, trained: RestoreRule | None
+) -> dict[str, float]:
+    """The restore rule's settings to serve under, as ``MorphConfig`` fields.
+
+    Each ``--morph-restore-*`` option given wins; the others come from ``trained``, the rule
+    the RL checkpoint records (a policy serves under the rule it learned under: one trained
+    without restore rationing has learned to ration its own restores, one trained with it has
+    not), else from the defaults.
+    """
+    base = trained or DEFAULT_RESTORE_RULE
+    given = {"restore_window_s": (known.morph_restore_window, base.window_s),
+             "restore_max_window_s": (known.morph_restore_max_window, base.max_window_s),
+             "restore_load_drop": (known.morph_restore_load_drop, base.load_drop)}
+    return {key: fallback if value is None else value
+            for key, (value, fallback) in given.items()}
+
+
 def build(
     argv: Sequence[str], detect_device: Callable[[], str] = serving_device
 ) -> tuple[MorphConfig, list[str]]:
@@ -360,6 +380,12 @@ def build(
         )
     sg = list(rest)
     model = _checked_model(_value(sg, "--model-path"), known.morph_data_dir)
+    checkpoint = _absolute_or_none(known.morph_checkpoint)
+    trained = None
+    if known.morph_policy == "rl":
+        checkpoint = checkpoint or str(DEFAULT_CHECKPOINT)
+        # Loaded before anything else: CheckpointError says which file and why.
+        trained = RestoreRule.from_metadata(RLPolicy.load(checkpoint).meta)
     _set(sg, "--model-path", model)
     cfg = MorphConfig(
         policy=known.morph_policy,
@@ -372,20 +398,21 @@ def build(
             known.morph_profile, model, known.morph_data_dir,
             known.morph_static_format or known.morph_format,
             known.morph_quant_method, known.morph_group_size),
-        checkpoint_path=_absolute_or_none(known.morph_checkpoint),
+        checkpoint_path=checkpoint,
         tick_interval_s=known.morph_tick_interval,
-        restore_window_s=known.morph_restore_window,
-        restore_max_window_s=known.morph_restore_max_window,
-        restore_load_drop=known.morph_restore_load_drop,
+        **_restore_settings(known, trained),
         ttft_slo_s=known.morph_ttft_slo,
         tpot_slo_s=known.morph_tpot_slo,
         kv_segment_tokens=known.morph_kv_segment_tokens,
     )
     cfg.validate()
     _check_profile(cfg)
-    if cfg.policy == "rl":
-        cfg.checkpoint_path = cfg.checkpoint_path or str(DEFAULT_CHECKPOINT)
-        RLPolicy.load(cfg.checkpoint_path)  # CheckpointError says which file and why
+    if trained is not None and cfg.restore_rule != trained:
+        logger.warning(
+            "sglang-morph: the RL policy of %s was trained under the restore rule %s and is "
+            "served under %s (--morph-restore-* given): it meets restores it did not learn "
+            "with", checkpoint, trained, cfg.restore_rule,
+        )
 
     if cfg.enabled:
         _refuse_unsupported(cfg, sg, model)

@@ -132,6 +132,42 @@ def test_launcher_makes_user_paths_absolute_and_loads_the_rl_checkpoint(monkeypa
     assert cfg.checkpoint_path == str(tmp_path / "missing.zip")  # not read without rl
 
 
+def test_an_rl_server_serves_under_the_restore_rule_its_checkpoint_was_trained_under(
+    monkeypatch, tmp_path, caplog
+):
+    """The restore rule a checkpoint records is the RL server's default (a policy trained
+    without restore rationing has learned to ration restores itself); an option given wins,
+    with a warning that the policy meets a rule it did not learn under. Other policies keep
+    the defaults."""
+    import json
+    import shutil
+
+    from sglang_morph.config import DEFAULT_RESTORE_RULE, RestoreRule
+    from sglang_morph.launch_server import build
+    from sglang_morph.paths import DEFAULT_CHECKPOINT
+
+    for suffix in (".zip", ".actor.npz"):
+        shutil.copy(DEFAULT_CHECKPOINT.with_suffix(suffix), (tmp_path / "ck").with_suffix(suffix))
+    meta = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    meta.update(restore_window_s=2.0, restore_max_window_s=20.0, restore_load_drop=0.1)
+    (tmp_path / "ck.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="sglang_morph"):
+        cfg, _ = build(["--morph-policy", "rl", "--morph-checkpoint", "ck.zip"])
+        assert cfg.restore_rule == RestoreRule(2.0, 20.0, 0.1)
+        assert "trained under the restore rule" not in caplog.text
+        cfg, _ = build(["--morph-policy", "rl", "--morph-checkpoint", "ck.zip",
+                        "--morph-restore-window", "5"])
+        assert cfg.restore_rule == RestoreRule(5.0, 20.0, 0.1)
+        assert "trained under the restore rule" in caplog.text and "ck.zip" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sglang_morph"):
+        assert build(["--morph-policy", "rl"])[0].restore_rule == DEFAULT_RESTORE_RULE
+        assert "trained under the restore rule" not in caplog.text  # shipped: the defaults
+    heuristic, _ = build(["--morph-policy", "heuristic", "--morph-checkpoint", "ck.zip"])
+    assert heuristic.restore_rule == DEFAULT_RESTORE_RULE
+
+
 def _launcher_usage_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     """Command lines the user must change, each with what its one error line must say."""
     (tmp_path / "not-json.json").write_text("{")
