@@ -67,6 +67,7 @@ from sglang_morph.cli import (
     share,
 )
 from sglang_morph.config import (
+    DOMINANCE_MAX_TRANSITIONS,
     RESTORE_LOAD_DROP,
     RESTORE_MAX_WINDOW_S,
     RESTORE_WINDOW_S,
@@ -456,21 +457,15 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
                     action_mode="target", restore=inputs.restore)
 
 
-MAX_SWAP_RATIO = 1.5
-"""Most layer swaps a dominating candidate may make, as a multiple of the heuristic's: a policy
-that buys its quality by swapping layers back and forth every few ticks (what PPO finds when
-restores are not rationed) is chattering, not controlling."""
-
-
 def dominance_margin(result: PolicyResult, heuristic: PolicyResult) -> float | None:
     """How far ``result`` beats ``heuristic``: the larger of its relative reductions in SLO
     violations (TTFT and TPOT together) and in quality cost per token, when it is at least as
-    good on both with at most ``MAX_SWAP_RATIO`` times its layer swaps; None otherwise (it does
-    not dominate)."""
+    good on both with at most ``DOMINANCE_MAX_TRANSITIONS`` times its layer swaps; None
+    otherwise (it does not dominate)."""
     late, late_h = result.late + result.tpot_late, heuristic.late + heuristic.tpot_late
     quality, quality_h = result.quality_per_token, heuristic.quality_per_token
     if (late > late_h or quality > quality_h
-            or result.swapped_layers > MAX_SWAP_RATIO * heuristic.swapped_layers):
+            or result.swapped_layers > DOMINANCE_MAX_TRANSITIONS * heuristic.swapped_layers):
         return None
     return max(1 - late / late_h if late_h else 0.0, 1 - quality / quality_h if quality_h else 0.0)
 

@@ -80,6 +80,16 @@ RESTORE_LOAD_TAU_S = 20.0
 Poisson clump of a few seconds does not look like a change of load."""
 
 
+DOMINANCE_MIN_GAIN = 0.10
+"""How much lower, relatively, the learned controller's SLO violations or quality cost must be
+than the heuristic's (the other no higher) for it to count as beating the heuristic."""
+DOMINANCE_MAX_TRANSITIONS = 1.5
+"""The most layer transitions the learned controller may make, as a multiple of the
+heuristic's, and still count as beating it: quality bought by swapping layers back and forth
+every few ticks is chattering, not control. Training's choice and ``eval.dominance`` share
+both figures."""
+
+
 @dataclass(frozen=True)
 class RestoreRule:
     """The restore stabilization rule (``rl_controller.stabilizer``): the shortest window, the
