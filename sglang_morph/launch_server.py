@@ -146,7 +146,7 @@ def morph_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--morph-restore-load-drop",
         type=float,
-        default=RESTORE_LOAD_DROP,
+        default=None,
         help="restores also wait until the smoothed arrival rate is this fraction below its "
         "peak since the layers were quantized, or one probe restore per max window (0: no "
         f"such wait; default: the RL checkpoint's, else {RESTORE_LOAD_DROP:g})",
