@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
 
     table = Table(title=f"{args.candidate} against {args.reference} (valid reps; intervals: "
                   "95% t over reps)")
-    for column in ("window", "system", "reps", "SLO violations", "late / requests", "KL",
-                   "transitions", "pair difference"):
+    for column in ("window", "system", "reps", "SLO violations (mean of reps)",
+                   "late / requests", "KL", "transitions", "pair difference"):
         table.add_column(column)
     windows = [(where, [(where, summary)]) for where, summary in summaries]
     rows = {}
@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     gains = {"violations": _reduction(cand.violation_rate, ref.violation_rate),
              "kl": _reduction(cand.kl_weighted, ref.kl_weighted)}
     console.print(
-        f"pooled: violations {cand.violation_rate:.1%} against {ref.violation_rate:.1%}, KL "
+        f"pooled: violations (late / requests) {cand.violation_rate:.1%} against "
+        f"{ref.violation_rate:.1%}, KL "
         f"{cand.kl_weighted or 0:.4f} against {ref.kl_weighted or 0:.4f}, transitions "
         f"{cand.transitions} against {ref.transitions}; "
         + ("[bold green]dominates[/]" if dominates else
