@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="write the figures and the verdict as JSON here")
     args = parser.parse_args(argv)
     try:
+        out = output_path("--out", args.out) if args.out else None
         summaries = [_load(d) for d in args.dirs]
         for where, summary in summaries:
             _valid_reps(summary, args.candidate, where)
             _valid_reps(summary, args.reference, where)
-        out = output_path("--out", args.out) if args.out else None
     except UsageError as err:
         exit_with(err)
 

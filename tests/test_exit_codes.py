@@ -57,6 +57,10 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "bad value": (["--policies", "heuristic,chatter"], "--policies heuristic,chatter"),
         "missing file": (["--rl-checkpoint", "{missing}.zip"], "--rl-checkpoint"),
     },
+    "eval.dominance": {
+        "bad value": (["{missing}", "--out", "{tmp}/a-file/verdict.json"], "--out"),
+        "missing file": (["{missing}"], "absent"),
+    },
     "rl_controller.actor_export": {
         "bad value": (["{tmp}/a-file"], "cannot load checkpoint"),
         "missing file": (["{missing}.zip"], "does not exist"),

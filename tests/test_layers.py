@@ -104,6 +104,7 @@ FLOORS: dict[str, int] = {
     "eval.quality": COMMAND,
     "eval.soak": COMMAND,
     "eval.steady": COMMAND,
+    "eval.dominance": COMMAND,
     "envs.calibrate": COMMAND,
     "envs.sim_vs_real": COMMAND,
     "rl_controller.train": COMMAND,
