@@ -61,7 +61,6 @@ def figures(summaries: Sequence[tuple[str, Mapping]], system: str) -> Figures:
     requests = late = transitions = fallbacks = reps = 0
     kl_sum, kl_requests, loaded, rates = 0.0, 0, True, []
     for where, summary in summaries:
-        row = summary["systems"][system] if system in summary.get("systems", {}) else {}
         for rep in _valid_reps(summary, system, where):
             n = int(rep["requests"])
             requests += n
@@ -73,7 +72,7 @@ def figures(summaries: Sequence[tuple[str, Mapping]], system: str) -> Figures:
                 kl_requests += n
             fallbacks += int(rep.get("fallbacks") or 0)
             loaded = loaded and rep.get("policy_loaded") not in (None, False)
-        transitions += int(row.get("transitions") or 0)
+        transitions += int(summary["systems"][system].get("transitions") or 0)
     mean, ci = mean_ci95(rates)
     return Figures(requests, late, kl_sum / kl_requests if kl_requests else None, transitions,
                    fallbacks, loaded, reps, mean, ci)
@@ -168,11 +167,12 @@ def main(argv: list[str] | None = None) -> None:
                    "late / requests", "KL", "transitions", "pair difference"):
         table.add_column(column)
     windows = [(where, [(where, summary)]) for where, summary in summaries]
-    rows = {}
+    rows: dict[str, dict] = {}
+    shown: dict[str, dict[str, Figures]] = {}
     for where, group in [*windows, ("pooled", summaries)]:
         pair_mean, pair_ci = mean_ci95(paired_differences(group, args.candidate, args.reference))
         for system in (args.reference, args.candidate):
-            f = figures(group, system)
+            f = shown.setdefault(where, {})[system] = figures(group, system)
             rows.setdefault(where, {})[system] = asdict(f)
             table.add_row(where if system == args.reference else "", system, str(f.reps),
                           _interval(f.violation_mean, f.violation_ci95),
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[where]["pair_difference"] = {"mean": pair_mean, "ci95": pair_ci}
     console = Console()
     console.print(table)
-    cand, ref = figures(summaries, args.candidate), figures(summaries, args.reference)
+    cand, ref = shown["pooled"][args.candidate], shown["pooled"][args.reference]
     dominates, failed = verdict(cand, ref)
     gains = {"violations": _reduction(cand.violation_rate, ref.violation_rate),
              "kl": _reduction(cand.kl_weighted, ref.kl_weighted)}

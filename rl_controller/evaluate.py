@@ -10,7 +10,6 @@ it delays.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 from rich.console import Console
 from rich.table import Table
@@ -63,9 +62,7 @@ def restore_rule(args: argparse.Namespace, meta: dict) -> RestoreRule:
     rule = RestoreRule.from_metadata(meta)
     window = rule.window_s if args.restore_window is None else args.restore_window
     max_window = rule.max_window_s if args.restore_max_window is None else args.restore_max_window
-    load_drop = rule.load_drop if args.restore_load_drop is None else args.restore_load_drop
-    return replace(rule, window_s=window, max_window_s=max(window, max_window),
-                   load_drop=load_drop)
+    return rule.overridden(window, max(window, max_window), args.restore_load_drop)
 
 
 def load_inputs(

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 ENV_VAR = "SGLANG_MORPH_CONFIG"
@@ -137,6 +137,23 @@ class RestoreRule:
         return cls(window_s=window,
                    max_window_s=max(window, meta.get("restore_max_window_s", window)),
                    load_drop=meta.get("restore_load_drop", 0.0))
+
+    def metadata(self) -> dict[str, float]:
+        """The keys a checkpoint records its rule under (what ``from_metadata`` reads back)."""
+        return {"restore_window_s": self.window_s, "restore_max_window_s": self.max_window_s,
+                "restore_load_drop": self.load_drop}
+
+    def overridden(
+        self,
+        window_s: float | None = None,
+        max_window_s: float | None = None,
+        load_drop: float | None = None,
+    ) -> RestoreRule:
+        """This rule with the settings a command line gives (None: this rule's), as the
+        ``--[morph-]restore-*`` options override a checkpoint's or the default rule; checked
+        like any other."""
+        given = {"window_s": window_s, "max_window_s": max_window_s, "load_drop": load_drop}
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
 DEFAULT_RESTORE_RULE = RestoreRule()

@@ -340,24 +340,6 @@ def _cuda_switches(sg: list[str]) -> None:
     )
 
 
-def _restore_settings(
-    known: argparse.Namespace, trained: RestoreRule | None
-) -> dict[str, float]:
-    """The restore rule's settings to serve under, as ``MorphConfig`` fields.
-
-    Each ``--morph-restore-*`` option given wins; the others come from ``trained``, the rule
-    the RL checkpoint records (a policy serves under the rule it learned under: one trained
-    without restore rationing has learned to ration its own restores, one trained with it has
-    not), else from the defaults.
-    """
-    base = trained or DEFAULT_RESTORE_RULE
-    given = {"restore_window_s": (known.morph_restore_window, base.window_s),
-             "restore_max_window_s": (known.morph_restore_max_window, base.max_window_s),
-             "restore_load_drop": (known.morph_restore_load_drop, base.load_drop)}
-    return {key: fallback if value is None else value
-            for key, (value, fallback) in given.items()}
-
-
 def build(
     argv: Sequence[str], detect_device: Callable[[], str] = serving_device
 ) -> tuple[MorphConfig, list[str]]:
@@ -386,6 +368,11 @@ def build(
         checkpoint = checkpoint or str(DEFAULT_CHECKPOINT)
         # Loaded before anything else: CheckpointError says which file and why.
         trained = RestoreRule.from_metadata(RLPolicy.load(checkpoint).meta)
+    # A policy serves under the rule it learned under (one trained without restore rationing
+    # has learned to ration restores itself, one trained with it has not): the checkpoint's
+    # rule, else the defaults, with each --morph-restore-* option given instead.
+    restore = (trained or DEFAULT_RESTORE_RULE).overridden(
+        known.morph_restore_window, known.morph_restore_max_window, known.morph_restore_load_drop)
     _set(sg, "--model-path", model)
     cfg = MorphConfig(
         policy=known.morph_policy,
@@ -400,18 +387,20 @@ def build(
             known.morph_quant_method, known.morph_group_size),
         checkpoint_path=checkpoint,
         tick_interval_s=known.morph_tick_interval,
-        **_restore_settings(known, trained),
+        restore_window_s=restore.window_s,
+        restore_max_window_s=restore.max_window_s,
+        restore_load_drop=restore.load_drop,
         ttft_slo_s=known.morph_ttft_slo,
         tpot_slo_s=known.morph_tpot_slo,
         kv_segment_tokens=known.morph_kv_segment_tokens,
     )
     cfg.validate()
     _check_profile(cfg)
-    if trained is not None and cfg.restore_rule != trained:
+    if trained is not None and restore != trained:
         logger.warning(
             "sglang-morph: the RL policy of %s was trained under the restore rule %s and is "
             "served under %s (--morph-restore-* given): it meets restores it did not learn "
-            "with", checkpoint, trained, cfg.restore_rule,
+            "with", checkpoint, trained, restore,
         )
 
     if cfg.enabled:

@@ -384,6 +384,10 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     # A layer head that quantizes up to two layers per tick, recorded as trained.
     assert {k: meta[k] for k in action_metadata()} == action_metadata(RLActions.up_to(2))
     assert meta["action_space"] == "MultiDiscrete([4, 3])"
+    # The restore rule it was trained under (the defaults), read back as the server reads it.
+    from sglang_morph.config import DEFAULT_RESTORE_RULE, RestoreRule
+
+    assert RestoreRule.from_metadata(meta) == DEFAULT_RESTORE_RULE
     warm = meta["warm_start"]
     assert warm["demonstration_ticks"] > 0 and 0 <= warm["kv_agreement"] <= 1
     # Split by time: train < validation < test, none empty.
