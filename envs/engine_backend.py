@@ -1,15 +1,15 @@
 """The real-engine backend of ``MorphServe-v0``: a live SGLang server with the morph runtime.
 
 The simulator is only trusted as far as it matches this backend, so both implement the same
-``envs.backend.ServingBackend``: ``reset(window)`` replays the window's requests open-loop with
-``eval.replay``'s client (the same streaming client ``eval.run`` uses) in a background thread,
-and ``advance(dt, target, kv_fraction)`` sets the int4 layer count through ``POST /morph/swap``
-(the first ``target`` layers of the server's importance order) and the KV limit through
-``POST /morph/kv``, waits until ``dt`` more seconds of the replay have passed, and reads the
-next ``LoadSnapshot`` from ``GET /morph/state``. The server
-runs ``--morph-policy manual``, in which the runtime computes the observation every tick without
-acting on it (``last_observation``), so the snapshot is exactly what a policy would get in
-serving. Ticks are wall-clock: an episode takes as long as its window.
+``envs.backend.ServingBackend``: ``reset(window)`` prepares the window's requests, replayed
+open-loop from the first ``advance`` with ``eval.replay``'s client (the same streaming client
+``eval.run`` uses) in a background thread, and ``advance(dt, target, kv_fraction)`` sets the
+int4 layer count through ``POST /morph/swap`` (the first ``target`` layers of the server's
+importance order) and the KV limit through ``POST /morph/kv``, waits until ``dt`` more seconds
+of the replay have passed, and reads the next ``LoadSnapshot`` from ``GET /morph/state``. The
+server runs ``--morph-policy manual``, in which the runtime computes the observation every tick
+without acting on it (``last_observation``), so the snapshot is exactly what a policy would get
+in serving. Ticks are wall-clock: an episode takes as long as its window.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ class EngineBackend:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._replayer: Replayer | None = None  # prepared by reset, started by advance
         self._records: list[RequestRecord] = []
         self._t0 = 0.0
         self._clock = 0.0
@@ -186,23 +187,32 @@ class EngineBackend:
         requests_ = window.requests
         prompts = [prompt_ids(self.vocab, r.input_tokens, i, self.seed)
                    for i, r in enumerate(requests_)]
-        replayer = Replayer(self.url, requests_, prompts, progress=False)
-        self._records = replayer.records
+        self._replayer = Replayer(self.url, requests_, prompts, progress=False)
+        self._records = self._replayer.records
         self._reported, self._late, self._late_reported = set(), set(), 0
         self._generated, self._transitions, self._clock = 0, state["transitions"], 0.0
-        self._loop = asyncio.new_event_loop()
-        self._t0 = time.perf_counter()
-        self._task = self._loop.create_task(replayer.run(self._t0))
-        self._thread = threading.Thread(target=self._run_loop, name="engine-replay", daemon=True)
-        self._thread.start()
         self._snap = self._snapshot(state)
         return self._snap
+
+    def _start_replay(self) -> None:
+        """Start the prepared window's replay now. Deferred from ``reset`` to the first
+        ``advance``: whatever runs between the two (a learner's update at an episode
+        boundary) must not let the window's first requests arrive unobserved."""
+        assert self._replayer is not None
+        self._loop = asyncio.new_event_loop()
+        self._t0 = time.perf_counter()
+        self._task = self._loop.create_task(self._replayer.run(self._t0))
+        self._replayer = None
+        self._thread = threading.Thread(target=self._run_loop, name="engine-replay", daemon=True)
+        self._thread.start()
 
     def advance(self, dt: float, target_layers: int, kv_fraction: float = 1.0) -> AdvanceResult:
         """Request ``target_layers`` and a KV limit of ``kv_fraction`` of the budget, let ``dt``
         seconds of the replay pass, then report."""
-        if self._thread is None or self._snap is None:
+        if self._snap is None or (self._thread is None and self._replayer is None):
             raise RuntimeError("call reset() before advance()")
+        if self._thread is None:
+            self._start_replay()
         self.set_quantized(target_layers)
         self.set_kv_limit(
             kv_limit_tokens(self._snap, target_layers, kv_fraction, self.kv_floor_tokens))
@@ -248,7 +258,9 @@ class EngineBackend:
         return [r for r in self._records if r.error is not None]
 
     def _stop_replay(self) -> None:
-        """Cancel the running replay (its in-flight requests are aborted client-side)."""
+        """Cancel the running replay (its in-flight requests are aborted client-side), or
+        drop one that was prepared and never started."""
+        self._replayer = None
         if self._thread is None or self._loop is None or self._task is None:
             return
         loop = self._loop

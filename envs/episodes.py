@@ -15,14 +15,15 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from envs.backend import ServingBackend
 from envs.calibration import IterationModel
 from envs.morph_env import EpisodeStats, MorphEnv, Window, prepare_trace, split_windows
 from envs.reward import RewardWeights
 from envs.simulator import ReplicaConfig
 from eval.traces import LengthMapping, Trace, poisson_load
 from rl_controller.observation import LoadSnapshot
-from rl_controller.policy import Policy
-from sglang_morph.config import RestoreRule
+from rl_controller.policy import Policy, RLActions
+from sglang_morph.config import DOMINANCE_MAX_TRANSITIONS, RestoreRule
 
 STEADY_S = 300.0
 """Length of a simulated steady load (``env_from_metadata(steady_rate=...)``): five minutes, the
@@ -35,14 +36,16 @@ def env_from_metadata(
     trace: str | None = None,
     time_scale: float | None = None,
     calibration: IterationModel | None = None,
-    backend: str = "simulator",
+    backend: str | ServingBackend = "simulator",
     tick_s: float | None = None,
     restore: RestoreRule | None = None,
     steady_rate: float | None = None,
+    actions: RLActions | None = None,
 ) -> MorphEnv:
     """The environment a checkpoint was trained in, or a variant of it (another trace, load,
     engine timing, tick, or the real engine as backend), with absolute-target actions so that
-    any policy can drive it.
+    any policy can drive it, or with the RL heads ``actions`` (the checkpoint's own, to go on
+    training it).
 
     ``windows`` default to the checkpoint's test windows (``eval_windows``): those it recorded,
     or at another time scale the same test part of the trace cut anew; another trace has no
@@ -80,7 +83,8 @@ def env_from_metadata(
         weights=RewardWeights(**meta["reward_weights"]),
         tick_s=meta["tick_s"] if tick_s is None else tick_s,
         backend=backend,
-        action_mode="target",
+        action_mode="target" if actions is None else "delta",
+        **({} if actions is None else {"actions": actions}),
         restore=RestoreRule.from_metadata(meta) if restore is None else restore,
     )
 
@@ -165,6 +169,40 @@ def total(policy: str, episodes: Sequence[EpisodeStats]) -> PolicyResult:
         p95_ttft_s=float(np.percentile(ttfts, 95)) if ttfts else 0.0,
         reward=sum(e.reward for e in episodes),
     )
+
+
+def dominance_margin(result: PolicyResult, heuristic: PolicyResult) -> float | None:
+    """How far ``result`` beats ``heuristic``: the larger of its relative reductions in SLO
+    violations (TTFT and TPOT together) and in quality cost per token, when it is at least as
+    good on both with at most ``DOMINANCE_MAX_TRANSITIONS`` times its layer swaps; None
+    otherwise (it does not dominate)."""
+    late, late_h = result.late + result.tpot_late, heuristic.late + heuristic.tpot_late
+    quality, quality_h = result.quality_per_token, heuristic.quality_per_token
+    if (late > late_h or quality > quality_h
+            or result.swapped_layers > DOMINANCE_MAX_TRANSITIONS * heuristic.swapped_layers):
+        return None
+    return max(1 - late / late_h if late_h else 0.0, 1 - quality / quality_h if quality_h else 0.0)
+
+
+def choose_candidate(results: list[PolicyResult], heuristic: PolicyResult) -> tuple[int, str]:
+    """Index of the candidate to keep, from validation results only, and why.
+
+    The learned controller is there to dominate the heuristic (violations and quality cost
+    both at most its, one clearly lower, without chattering), so that is what chooses: among
+    the candidates that
+    dominate it on validation, the widest margin (ties: higher reward). When none does, the
+    highest reward, and the reason says that none dominated.
+    """
+    margins = [dominance_margin(r, heuristic) for r in results]
+    dominating = [i for i, m in enumerate(margins) if m is not None]
+    if dominating:
+        best = max(dominating, key=lambda i: (margins[i], results[i].reward))
+        return best, (f"dominates the heuristic on the validation windows by the widest margin "
+                      f"({margins[best]:.1%}) of the {len(dominating)} of {len(results)} "
+                      f"candidates that do")
+    best = max(range(len(results)), key=lambda i: results[i].reward)
+    return best, (f"none of the {len(results)} candidates dominates the heuristic on the "
+                  "validation windows: highest validation reward")
 
 
 def evaluate_policies(

@@ -45,7 +45,13 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from tqdm import TqdmExperimentalWarning
 
 from envs.calibration import IterationModel, load_calibration
-from envs.episodes import PolicyResult, env_from_metadata, evaluate_policies, print_results
+from envs.episodes import (
+    PolicyResult,
+    choose_candidate,
+    env_from_metadata,
+    evaluate_policies,
+    print_results,
+)
 from envs.morph_env import TRAIN_FRAC, VAL_FRAC, MorphEnv, Window, prepare_trace, split_protocol
 from envs.policies import standard_policies
 from envs.reward import DEFAULT_QUALITY_TABLE, RewardWeights, load_quality_table
@@ -67,7 +73,6 @@ from sglang_morph.cli import (
     share,
 )
 from sglang_morph.config import (
-    DOMINANCE_MAX_TRANSITIONS,
     RESTORE_LOAD_DROP,
     RESTORE_MAX_WINDOW_S,
     RESTORE_WINDOW_S,
@@ -453,40 +458,6 @@ def judged(inputs: Inputs, windows: list[Window], weights: RewardWeights, args: 
     return MorphEnv(inputs.trace, windows, calibration=inputs.calibration, replica=inputs.replica,
                     quality_table=inputs.quality, weights=weights, tick_s=args.tick_s,
                     action_mode="target", restore=inputs.restore)
-
-
-def dominance_margin(result: PolicyResult, heuristic: PolicyResult) -> float | None:
-    """How far ``result`` beats ``heuristic``: the larger of its relative reductions in SLO
-    violations (TTFT and TPOT together) and in quality cost per token, when it is at least as
-    good on both with at most ``DOMINANCE_MAX_TRANSITIONS`` times its layer swaps; None
-    otherwise (it does not dominate)."""
-    late, late_h = result.late + result.tpot_late, heuristic.late + heuristic.tpot_late
-    quality, quality_h = result.quality_per_token, heuristic.quality_per_token
-    if (late > late_h or quality > quality_h
-            or result.swapped_layers > DOMINANCE_MAX_TRANSITIONS * heuristic.swapped_layers):
-        return None
-    return max(1 - late / late_h if late_h else 0.0, 1 - quality / quality_h if quality_h else 0.0)
-
-
-def choose_candidate(results: list[PolicyResult], heuristic: PolicyResult) -> tuple[int, str]:
-    """Index of the candidate to keep, from validation results only, and why.
-
-    The learned controller is there to dominate the heuristic (violations and quality cost
-    both at most its, one clearly lower, without chattering), so that is what chooses: among
-    the candidates that
-    dominate it on validation, the widest margin (ties: higher reward). When none does, the
-    highest reward, and the reason says that none dominated.
-    """
-    margins = [dominance_margin(r, heuristic) for r in results]
-    dominating = [i for i, m in enumerate(margins) if m is not None]
-    if dominating:
-        best = max(dominating, key=lambda i: (margins[i], results[i].reward))
-        return best, (f"dominates the heuristic on the validation windows by the widest margin "
-                      f"({margins[best]:.1%}) of the {len(dominating)} of {len(results)} "
-                      f"candidates that do")
-    best = max(range(len(results)), key=lambda i: results[i].reward)
-    return best, (f"none of the {len(results)} candidates dominates the heuristic on the "
-                  "validation windows: highest validation reward")
 
 
 def rl_result(env: MorphEnv, path: Path) -> PolicyResult:

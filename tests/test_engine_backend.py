@@ -3,11 +3,14 @@ the environment's actions change its layers (one server for the module)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from envs.engine_backend import EngineBackend
 from envs.morph_env import MorphEnv, prepare_trace
 from eval.traces import LengthMapping, burstiest_window
+from rl_controller.clock import RATE_WINDOW_S
 from rl_controller.policy import Action, ConstantPolicy, Policy
 from sglang_morph.config import RestoreRule
 
@@ -91,3 +94,18 @@ def test_kv_fraction_sets_and_lifts_the_servers_kv_limit(env: MorphEnv) -> None:
     env.step(Action(0, 1.0))
     assert backend.state()["kv_limit_tokens"] is None
     assert env.stats.kv_fraction_ticks == pytest.approx(applied + 1.0)
+
+
+def test_replay_starts_at_the_first_step_not_at_reset(env: MorphEnv) -> None:
+    """Whatever runs between reset and the first step (a learner's update) must not let the
+    window's first requests arrive unobserved: the replay starts with the first step."""
+    window = env.trace.requests
+    first = min(r.arrival_s for r in window if env.window[0] <= r.arrival_s < env.window[1])
+    assert first - env.window[0] < 0.5  # the burst's first request is due at once
+    env.reset()
+    time.sleep(RATE_WINDOW_S + 0.5)  # the earlier cases' arrivals have left the rate's window
+    idle = env.backend.snapshot()
+    assert idle.arrival_rate == 0 and idle.queue_len == 0 and idle.running_reqs == 0
+    for _ in range(4):
+        env.step(Action(0))
+    assert env.snapshot.arrival_rate > 0

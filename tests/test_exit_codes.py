@@ -28,6 +28,10 @@ CASES: dict[str, dict[str, tuple[list[str], str]]] = {
         "missing file": (["--calibration", "{missing}.json", "--out", "{tmp}/ck.zip"],
                          "--calibration"),
     },
+    "rl_controller.finetune": {
+        "bad value": (["--episodes", "0"], "--episodes"),
+        "missing file": (["--checkpoint", "{missing}.zip"], "--checkpoint"),
+    },
     "rl_controller.evaluate": {
         "bad value": (["--time-scale", "0"], "--time-scale"),
         "missing file": (["--checkpoint", "{missing}.zip"], "--checkpoint"),

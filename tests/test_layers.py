@@ -108,6 +108,7 @@ FLOORS: dict[str, int] = {
     "envs.calibrate": COMMAND,
     "envs.sim_vs_real": COMMAND,
     "rl_controller.train": COMMAND,
+    "rl_controller.finetune": COMMAND,
     "rl_controller.evaluate": COMMAND,
 }
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
-from envs.episodes import PolicyResult
+from envs.episodes import PolicyResult, choose_candidate, dominance_margin
 from envs.morph_env import MorphEnv
 from eval.traces import Trace, TraceRequest
 from rl_controller import actor_export
@@ -343,7 +343,6 @@ def _val(late: int, quality_cost: float, reward: float, swaps: int = 4) -> Polic
 
 
 def test_training_keeps_the_candidate_that_dominates_the_heuristic_widest_on_validation() -> None:
-    from rl_controller.train import choose_candidate, dominance_margin
 
     heuristic = _val(10, 100.0, -20.0)
     fewer_late = _val(8, 100.0, -18.0)          # 20% fewer violations, same quality
@@ -402,7 +401,7 @@ def test_train_script_end_to_end(tmp_path: Path) -> None:
     assert meta["seeds"] == [1, 2] and meta["learning_rates"] == [1e-4, 3e-4]
     assert all(c["validation"] and c["test"] for c in meta["candidates"])
     heuristic = _result(meta["validation_heuristic"])
-    chosen, why = train.choose_candidate(
+    chosen, why = choose_candidate(
         [_result(c["validation"]) for c in meta["candidates"]], heuristic)
     kept = meta["candidates"][chosen]
     assert meta["selected"]["seed"] == kept["seed"] == meta["seed"]
