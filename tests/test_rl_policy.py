@@ -423,3 +423,10 @@ def test_shipped_checkpoint_loads_and_never_trained_on_its_evaluation_windows() 
     assert last_train <= min(start for start, _ in meta["eval_windows"])
     assert len(meta["quality_table"]) == meta["num_layers"] + 1
     assert all(rl.decide(s).layers in range(6) for s in snapshots())
+    # Fine-tuned on the engine: training windows to learn on, validation windows to decide on;
+    # the test part was never replayed before the report.
+    finetune = meta["finetune"]
+    first_test = min(start for start, _ in meta["eval_windows"])
+    assert all(end <= last_train for _, end in finetune["train_windows"])
+    assert all(last_train <= s and e <= first_test for s, e in finetune["val_windows"])
+    assert finetune["verdict"]["better"] == "fine-tuned" and finetune["parent_sha256"]
