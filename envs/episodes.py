@@ -22,7 +22,7 @@ from envs.reward import RewardWeights
 from envs.simulator import ReplicaConfig
 from eval.traces import LengthMapping, Trace, poisson_load
 from rl_controller.observation import LoadSnapshot
-from rl_controller.policy import Policy, RLActions
+from rl_controller.policy import RL_ACTIONS, Policy, RLActions
 from sglang_morph.config import DOMINANCE_MAX_TRANSITIONS, RestoreRule
 
 STEADY_S = 300.0
@@ -84,7 +84,7 @@ def env_from_metadata(
         tick_s=meta["tick_s"] if tick_s is None else tick_s,
         backend=backend,
         action_mode="target" if actions is None else "delta",
-        **({} if actions is None else {"actions": actions}),
+        actions=RL_ACTIONS if actions is None else actions,
         restore=RestoreRule.from_metadata(meta) if restore is None else restore,
     )
 

@@ -28,6 +28,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ from envs.episodes import (
     total,
 )
 from envs.morph_env import EpisodeStats, Window, prepare_trace, select_window
-from eval.plan import fixed_slo_entry, machine_kind
+from eval.metrics import Slo
+from eval.plan import machine_kind, resolve_slo
 from eval.traces import LengthMapping, Trace
 from rl_controller.actor_export import export_actor
 from rl_controller.heuristic import HeuristicPolicy
@@ -58,8 +60,6 @@ from rl_controller.rl_policy import (
     CheckpointError,
     RLPolicy,
     file_sha256,
-    read_metadata,
-    recorded_actions,
 )
 from sglang_morph.cli import (
     FAILURE_STATUS,
@@ -113,17 +113,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def slo_targets(args: argparse.Namespace) -> tuple[float, float, str]:
-    """(TTFT SLO, TPOT SLO, where they come from): the options, else the SLOs ``eval.run``
-    judges the model by on this machine, so fine-tuning optimizes what the evaluation counts."""
-    if args.ttft_slo is not None and args.tpot_slo is not None:
-        return args.ttft_slo, args.tpot_slo, "--ttft-slo and --tpot-slo"
-    entry = fixed_slo_entry(DEFAULT_MODEL, machine_kind())
-    if entry is None:
+def slo_targets(args: argparse.Namespace) -> Slo:
+    """The options, else the SLOs ``eval.run`` judges the model by on this machine
+    (``eval.plan.resolve_slo`` with ``--slo fixed``), so fine-tuning optimizes what the
+    evaluation counts; UsageError when there are none (``eval.run`` would measure them on an
+    fp server, which this command does not start)."""
+    given = argparse.Namespace(slo_ttft=args.ttft_slo, slo_tpot=args.tpot_slo, slo="fixed",
+                               slo_scale=None)
+    slo, _, _ = resolve_slo(given, DEFAULT_MODEL)
+    if slo is None:
         raise UsageError(f"eval/slos.json has no SLOs for {DEFAULT_MODEL} on {machine_kind()}: "
                          "give --ttft-slo and --tpot-slo (seconds)")
-    return (args.ttft_slo or float(entry["ttft_s"]), args.tpot_slo or float(entry["tpot_s"]),
-            f"eval/slos.json {DEFAULT_MODEL}/{machine_kind()}")
+    return slo
 
 
 def busiest(trace: Trace, windows: list[Window], n: int, episode_s: float) -> list[Window]:
@@ -181,15 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         parent = Path(args.checkpoint).resolve()
         try:
-            RLPolicy.load(parent)  # runnable as served: metadata, actor and its checks
+            served = RLPolicy.load(parent)  # runnable as served: metadata, actor and its checks
         except CheckpointError as err:
             raise UsageError(f"--checkpoint: {err}") from err
-        meta = read_metadata(parent)
-        actions = recorded_actions(meta, parent)
+        meta, actions = served.meta, served.actions
         out = output_path("--out", args.out).resolve()
         if out.suffix != ".zip":
             raise UsageError(f"--out {args.out}: expected a .zip path (SB3's checkpoint)")
-        ttft_slo, tpot_slo, slo_how = slo_targets(args)
+        slo = slo_targets(args)
     except UsageError as err:
         exit_with(err)
     torch.set_num_threads(1)  # the server needs the cores; the network is tiny
@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> None:
                           args.episode_s)
     console.print(f"fine-tuning {repo_relative(parent)} on the engine: {args.episodes} "
                   f"episodes drawn from {len(train_windows)} training windows, then "
-                  f"{len(val_windows)} validation windows; SLOs {ttft_slo:g} s / "
-                  f"{tpot_slo:g} s ({slo_how})")
+                  f"{len(val_windows)} validation windows; SLOs {slo.ttft_s:g} s / "
+                  f"{slo.tpot_s:g} s ({slo.how})")
 
     # 2. The engine: one manual-policy server for learning and for the decision.
     try:
-        backend = EngineBackend(args.url or None, ttft_slo_s=ttft_slo, tpot_slo_s=tpot_slo,
+        backend = EngineBackend(args.url or None, ttft_slo_s=slo.ttft_s, tpot_slo_s=slo.tpot_s,
                                 profile=absolute(meta["profile"]), seed=args.seed)
     except Exception as err:  # the server did not start or is not a manual-policy server
         exit_with(f"engine: {err}", FAILURE_STATUS)
@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> None:
                 "val_windows": val_windows, "episode_s": args.episode_s,
                 "learning_rate": args.learning_rate, "n_epochs": args.n_epochs,
                 "batch_size": model.batch_size, "timesteps": model.num_timesteps,
-                "seed": args.seed, "slo": {"ttft_s": ttft_slo, "tpot_s": tpot_slo,
-                                           "how": slo_how},
+                "seed": args.seed, "slo": asdict(slo),
                 "machine": machine_kind(), "train_seconds": round(train_s, 1),
             },
         }
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [total(name, runs) for name, runs in episodes.items()]
     heuristic, parent_result, tuned_result = results
     chosen, why = choose_candidate([parent_result, tuned_result], heuristic)
-    verdict = ("fine-tuned", "parent")[chosen == 0]
+    verdict = "parent" if chosen == 0 else "fine-tuned"
     print_results(results, f"engine, validation windows ({len(val_windows)}), one rep each",
                   console)
     meta_out["finetune"]["validation"] = [r.as_dict() for r in results]
